@@ -1,0 +1,247 @@
+"""The ``.keras`` archive format: streaming writer and readers, no TensorFlow.
+
+A ``.keras`` file is a zip of three stored entries: ``metadata.json``,
+``config.json`` and ``model.weights.h5``. Keras builds the weights file in a
+``BytesIO`` and then copies it into the zip; we stream instead:
+
+1. Build an HDF5 *skeleton* in a sparse local temp file: every group,
+   attribute and dataset, with storage allocated early but no data written.
+2. Read each dataset's byte offset in that file.
+3. Emit the zip entry in file order: skeleton bytes for metadata, the host
+   arrays' own buffers for data. Peak extra memory is one I/O chunk.
+
+The result is byte-for-byte an ordinary HDF5 file, so stock Keras loads it.
+This module runs on the coordinator as well as on workers; it needs only numpy,
+h5py and zipfile.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import struct
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import h5py
+import numpy as np
+
+from ckptmgr.errors import CorruptCheckpointError
+
+METADATA_FILENAME = "metadata.json"
+CONFIG_FILENAME = "config.json"
+WEIGHTS_FILENAME = "model.weights.h5"
+_CHUNK = 16 * 1024 * 1024
+_INLINE_BYTES = 64 * 1024  # smaller arrays go straight into the skeleton
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+
+
+@dataclass
+class VarGroup:
+    """One Keras ``vars`` group: where ``save_own_variables`` put its arrays.
+
+    ``path`` is the HDF5 group path (``vars`` for the model itself,
+    ``layers/dense/vars``, ``optimizer/vars``...), ``attrs`` its metadata
+    (Keras records the layer's name), ``arrays`` the ``(key, array)`` pairs in
+    the order Keras wrote them.
+    """
+
+    path: str
+    attrs: dict[str, str] = field(default_factory=dict)
+    arrays: list[tuple[str, np.ndarray]] = field(default_factory=list)
+
+
+@dataclass
+class ModelSnapshot:
+    """Everything needed to write a ``.keras`` archive, as plain host data."""
+
+    config_json: str
+    metadata_json: str
+    groups: list[VarGroup]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for g in self.groups for _, a in g.arrays)
+
+
+def write_keras_archive(out: BinaryIO, snapshot: ModelSnapshot) -> None:
+    """Stream ``snapshot`` as a ``.keras`` zip into the writable stream ``out``."""
+    with _h5_skeleton(snapshot) as (skeleton_path, regions, total):
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr(_zipinfo(METADATA_FILENAME), snapshot.metadata_json)
+            zf.writestr(_zipinfo(CONFIG_FILENAME), snapshot.config_json)
+            info = _zipinfo(WEIGHTS_FILENAME)
+            info.file_size = total
+            with zf.open(info, "w") as entry, open(skeleton_path, "rb") as skel:
+                _stream_h5(entry, skel, regions, total)
+
+
+def _zipinfo(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=datetime.datetime.now().timetuple()[:6])
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+@contextmanager
+def _h5_skeleton(snapshot: ModelSnapshot) -> Iterator[tuple[str, list, int]]:
+    """Yield (path, [(offset, array)...] sorted, total size) of a sparse HDF5."""
+    fd, path = tempfile.mkstemp(prefix="ckptmgr-skeleton-", suffix=".h5")
+    os.close(fd)
+    try:
+        datasets = _create_skeleton(path, snapshot)
+        regions, inline = [], []
+        with h5py.File(path, "r") as f:
+            for name, array in datasets:
+                offset = f[name].id.get_offset()
+                (inline if offset is None else regions).append(
+                    (name if offset is None else int(offset), array)
+                )
+        if inline:  # HDF5 gave no offset: write those few directly
+            with h5py.File(path, "r+") as f:
+                for name, array in inline:
+                    f[name][...] = array
+        regions.sort(key=lambda r: r[0])
+        total = os.path.getsize(path)
+        if regions:
+            total = max(total, regions[-1][0] + regions[-1][1].nbytes)
+        yield path, regions, total
+    finally:
+        os.remove(path)
+
+
+def _create_skeleton(path: str, snapshot: ModelSnapshot) -> list[tuple[str, np.ndarray]]:
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    datasets = []
+    with h5py.File(path, "w") as f:
+        for group in snapshot.groups:
+            g = f.require_group(group.path)
+            for k, v in group.attrs.items():
+                g.attrs[k] = v
+            for key, array in group.arrays:
+                array = _native(array)
+                if array.nbytes < _INLINE_BYTES:
+                    g.create_dataset(key, data=array)
+                else:
+                    g.create_dataset(key, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
+                    datasets.append((f"{group.path}/{key}", array))
+    return datasets
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous, native-endian view (a copy only if it must be)."""
+    array = np.asarray(array)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
+def _stream_h5(entry: BinaryIO, skeleton: BinaryIO, regions: list, total: int) -> None:
+    position = 0
+    for offset, array in regions:
+        _copy_range(skeleton, entry, position, offset - position)
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        for start in range(0, len(view), _CHUNK):
+            entry.write(view[start : start + _CHUNK])
+        position = offset + array.nbytes
+    _copy_range(skeleton, entry, position, total - position)
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int) -> None:
+    src.seek(start)
+    while length > 0:
+        chunk = src.read(min(length, _CHUNK))
+        if not chunk:  # sparse tail beyond EOF: HDF5 reads it as zeros
+            chunk = bytes(min(length, _CHUNK))
+        dst.write(chunk)
+        length -= len(chunk)
+
+
+# -- reading ---------------------------------------------------------------
+
+
+def read_json_member(archive: BinaryIO, name: str) -> dict[str, Any]:
+    """Parse one JSON member (config or metadata) of an archive."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return json.loads(zf.read(name))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+        raise CorruptCheckpointError(
+            f"Cannot read {name} from the archive: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of ``[start, start+size)`` of another file."""
+
+    def __init__(self, f: BinaryIO, start: int, size: int):
+        super().__init__()
+        self._f, self._start, self._size, self._pos = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
+
+
+@contextmanager
+def open_weights(archive: BinaryIO) -> Iterator[h5py.File]:
+    """Open ``model.weights.h5`` inside an archive without extracting it."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            info = zf.getinfo(WEIGHTS_FILENAME)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CorruptCheckpointError(
+                f"{WEIGHTS_FILENAME} is compressed; ckptmgr reads stored entries only."
+            )
+        archive.seek(info.header_offset)
+        header = _LOCAL_HEADER.unpack(archive.read(_LOCAL_HEADER.size))
+        start = info.header_offset + _LOCAL_HEADER.size + header[9] + header[10]
+        window = _Window(archive, start, info.file_size)
+        h5 = h5py.File(window, "r")
+    except CorruptCheckpointError:
+        raise
+    except (zipfile.BadZipFile, KeyError, OSError, struct.error) as exc:
+        raise CorruptCheckpointError(
+            f"Cannot open {WEIGHTS_FILENAME} in the archive: {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        yield h5
+    finally:
+        h5.close()
+
+
+def write_weights_only(archive: BinaryIO, out_path: str) -> None:
+    """Write a ``.weights.h5`` for ``model.load_weights``: model state, no optimizer."""
+    with open_weights(archive) as src, h5py.File(out_path, "w") as dst:
+        for key in src:
+            if key != "optimizer":
+                src.copy(src[key], dst, name=key)
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v

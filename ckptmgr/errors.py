@@ -1,0 +1,56 @@
+"""The error hierarchy of ckptmgr: one base class, a few meanings.
+
+Every error subclasses :class:`CkptmgrError` and, where the meaning matches, a
+built-in (``FileNotFoundError``, ``ValueError``...) so callers can catch either.
+Errors cross Ray actor boundaries, so each one pickles with its message intact.
+Messages say what was wrong, what was received, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class CkptmgrError(Exception):
+    """Base class of every error ckptmgr raises on purpose."""
+
+    def __reduce__(self):
+        # Keep the one-line message when pickled across Ray actors.
+        return (self.__class__, self.args)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class ConfigError(CkptmgrError, ValueError):
+    """A config file, option or argument is invalid."""
+
+
+class StorageError(CkptmgrError, OSError):
+    """The storage backend failed (permissions, network, bad URL)."""
+
+
+class CheckpointNotFoundError(CkptmgrError, FileNotFoundError):
+    """No committed checkpoint matches the request."""
+
+
+class CheckpointExistsError(CkptmgrError, FileExistsError):
+    """A committed checkpoint already has this step; it is never overwritten."""
+
+
+class CorruptCheckpointError(CkptmgrError):
+    """A checkpoint's archive or manifest fails verification."""
+
+
+class UnsupportedModelError(CkptmgrError, ValueError):
+    """The model has state ckptmgr cannot capture (for example assets)."""
+
+
+class SaveInProgressError(CkptmgrError, RuntimeError):
+    """A save was asked for while another is still writing (policy 'skip')."""
+
+
+class DistributedSaveError(CkptmgrError, RuntimeError):
+    """A distributed save failed: missing parts, digest mismatch, timeout."""
+
+
+class UnknownCustomObjectError(CkptmgrError, TypeError):
+    """The checkpoint names a custom class or function that is not registered."""

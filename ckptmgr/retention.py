@@ -1,0 +1,250 @@
+"""Which checkpoints to keep: pure rules, no I/O.
+
+Modelled on Orbax's preservation policies, kept small. Rules combine as a
+union: a checkpoint survives if any rule keeps it. Two guarantees hold whatever
+the rules: the newest checkpoint is never deleted (keep-best must not throw away
+the run's latest progress) and pinned checkpoints are never deleted. Deciding is
+separate from deleting so callers can show a dry run with the reasons.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal, Mapping, Sequence
+
+from ckptmgr.errors import ConfigError
+
+_UNIT_SECONDS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION_RE = re.compile(r"(?:\d+[smhdw])+")
+_PART_RE = re.compile(r"(\d+)([smhdw])")
+
+
+def _invalid(name: str, value: object, fix: str) -> ConfigError:
+    """One-line error: what was wrong, what was received, what to do."""
+    return ConfigError(f"Invalid {name}: Received: {name.split('.')[-1]}={value!r}. {fix}")
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    # bool is an int subclass; True must not silently mean 1.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _require_aware(name: str, value: object) -> None:
+    # Naive datetimes cannot be compared with aware ones; fail early and clearly.
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise _invalid(name, value, "Use an aware datetime, e.g. datetime.now(timezone.utc).")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What retention needs to know about one committed checkpoint."""
+
+    step: int
+    created: datetime  # timezone-aware UTC
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    pinned: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.step, 0):
+            raise _invalid("CheckpointInfo.step", self.step, "Use an integer >= 0.")
+        _require_aware("CheckpointInfo.created", self.created)
+
+
+@dataclass(frozen=True)
+class KeepLast:
+    """Keep the newest ``n`` checkpoints by step."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n, 1):
+            raise _invalid("KeepLast.n", self.n, "Use an integer >= 1, e.g. KeepLast(n=3).")
+
+    @property
+    def reason(self) -> str:
+        return f"keep_last={self.n}"
+
+    def select(self, ckpts: Sequence[CheckpointInfo], now: datetime) -> set[int]:
+        return set(sorted(c.step for c in ckpts)[-self.n :])
+
+
+@dataclass(frozen=True)
+class KeepEveryNSteps:
+    """Keep checkpoints whose step is a multiple of ``k``: long-term milestones."""
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.k, 1):
+            raise _invalid("KeepEveryNSteps.k", self.k, "Use an integer >= 1, e.g. k=1000.")
+
+    @property
+    def reason(self) -> str:
+        return f"keep_every_n_steps={self.k}"
+
+    def select(self, ckpts: Sequence[CheckpointInfo], now: datetime) -> set[int]:
+        return {c.step for c in ckpts if c.step % self.k == 0}
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    """Keep the best ``n`` by ``metric``; missing or NaN values never count.
+
+    Ties go to the newer step, so the most trained of equal models survives.
+    """
+
+    metric: str
+    mode: Literal["min", "max"] = "min"
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metric, str) or not self.metric:
+            raise _invalid("KeepBest.metric", self.metric, "Use a metric name, e.g. 'val_loss'.")
+        if self.mode not in ("min", "max"):
+            raise _invalid("KeepBest.mode", self.mode, "Use 'min' (e.g. loss) or 'max' (e.g. acc).")
+        if not _is_int(self.n, 1):
+            raise _invalid("KeepBest.n", self.n, "Use an integer >= 1, e.g. n=3.")
+
+    @property
+    def reason(self) -> str:
+        return f"keep_best={self.metric}/{self.mode}"
+
+    def select(self, ckpts: Sequence[CheckpointInfo], now: datetime) -> set[int]:
+        sign = 1.0 if self.mode == "min" else -1.0
+        scored = [
+            (sign * float(c.metrics[self.metric]), -c.step)
+            for c in ckpts
+            if c.metrics.get(self.metric) is not None and not math.isnan(c.metrics[self.metric])
+        ]
+        return {-neg_step for _, neg_step in sorted(scored)[: self.n]}
+
+
+@dataclass(frozen=True)
+class KeepWithin:
+    """Keep checkpoints created at most ``window`` before ``now`` (inclusive)."""
+
+    window: timedelta
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, timedelta) or self.window <= timedelta(0):
+            fix = "Use a positive timedelta, e.g. timedelta(days=7)."
+            raise _invalid("KeepWithin.window", self.window, fix)
+
+    @property
+    def reason(self) -> str:
+        return f"keep_within={format_duration(self.window)}"
+
+    def select(self, ckpts: Sequence[CheckpointInfo], now: datetime) -> set[int]:
+        # Checkpoints stamped in the future (clock skew) count as within the window.
+        return {c.step for c in ckpts if now - c.created <= self.window}
+
+
+Rule = KeepLast | KeepEveryNSteps | KeepBest | KeepWithin
+
+
+@dataclass(frozen=True)
+class RetentionDecision:
+    """Steps to keep with their reasons, and steps to delete; both ascending."""
+
+    keep: dict[int, tuple[str, ...]]
+    delete: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """A union of rules; no rules means keep everything."""
+
+    rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self) -> None:
+        for rule in self.rules:
+            if not isinstance(rule, (KeepLast, KeepEveryNSteps, KeepBest, KeepWithin)):
+                fix = "Use KeepLast, KeepEveryNSteps, KeepBest or KeepWithin."
+                raise _invalid("RetentionPolicy.rules", rule, fix)
+
+    def is_empty(self) -> bool:
+        """True when there are no rules, so pruning must delete nothing."""
+        return not self.rules
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        keep_last: int | None = None,
+        keep_every_n_steps: int | None = None,
+        keep_best: str | None = None,
+        keep_best_mode: str = "min",
+        keep_best_n: int = 1,
+        keep_within: timedelta | str | None = None,
+    ) -> RetentionPolicy:
+        """Build a policy from flat CLI/config options; ``None`` means unused."""
+        if keep_best is None and (keep_best_mode != "min" or keep_best_n != 1):
+            # Silently ignoring keep_best_mode/keep_best_n would surprise the user.
+            raise ConfigError(
+                f"Invalid keep_best_mode/keep_best_n: Received: keep_best=None, "
+                f"keep_best_mode={keep_best_mode!r}, keep_best_n={keep_best_n!r}. "
+                "Set keep_best to a metric name, e.g. keep_best='val_loss'."
+            )
+        rules: list[Rule] = []
+        if keep_last is not None:
+            rules.append(KeepLast(keep_last))
+        if keep_every_n_steps is not None:
+            rules.append(KeepEveryNSteps(keep_every_n_steps))
+        if keep_best is not None:
+            rules.append(KeepBest(keep_best, keep_best_mode, keep_best_n))  # type: ignore[arg-type]
+        if keep_within is not None:
+            if not isinstance(keep_within, timedelta):
+                keep_within = parse_duration(keep_within)
+            rules.append(KeepWithin(keep_within))
+        return cls(tuple(rules))
+
+    def decide(self, checkpoints: Sequence[CheckpointInfo], now: datetime) -> RetentionDecision:
+        """Say which steps to keep and why (newest, pinned, then rules in order)."""
+        _require_aware("now", now)
+        ckpts = sorted(checkpoints, key=lambda c: c.step)
+        steps = [c.step for c in ckpts]
+        if len(set(steps)) != len(steps):
+            raise _invalid("steps", steps, "Pass each checkpoint step once.")
+        if not ckpts:
+            return RetentionDecision(keep={}, delete=())
+        reasons: dict[int, list[str]] = {s: [] for s in steps}
+        reasons[steps[-1]].append("newest")
+        for c in ckpts:
+            if c.pinned:
+                reasons[c.step].append("pinned")
+            if self.is_empty():
+                reasons[c.step].append("no retention rules")
+        for rule in self.rules:
+            for s in rule.select(ckpts, now):
+                reasons[s].append(rule.reason)
+        keep = {s: tuple(r) for s, r in reasons.items() if r}
+        return RetentionDecision(keep=keep, delete=tuple(s for s in steps if s not in keep))
+
+
+def parse_duration(text: str, *, option: str = "keep_within") -> timedelta:
+    """Parse '90s', '15m', '12h', '7d', '2w' or compounds like '1d12h'."""
+    cleaned = text.strip().lower() if isinstance(text, str) else ""
+    if not _DURATION_RE.fullmatch(cleaned):
+        raise ConfigError(
+            f"Invalid duration: Received: {option}={text!r}. "
+            "Use a number followed by s, m, h, d or w, e.g. '7d'."
+        )
+    return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in _PART_RE.findall(cleaned)))
+
+
+def format_duration(td: timedelta) -> str:
+    """Inverse of parse_duration: 7 days -> '7d', 36 hours -> '1d12h'.
+
+    Weeks are not used, so a window set as '14d' reads back as '14d'.
+    """
+    if not isinstance(td, timedelta) or td < timedelta(0) or td.microseconds:
+        raise _invalid("duration", td, "Use a non-negative whole number of seconds.")
+    remaining, parts = td.days * 86400 + td.seconds, []
+    for unit in ("d", "h", "m", "s"):
+        count, remaining = divmod(remaining, _UNIT_SECONDS[unit])
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"

@@ -1,0 +1,376 @@
+"""Capture a Keras model's state to host arrays, and apply it back (worker side).
+
+Capture walks the model with Keras's own traversal (``saving_lib._save_state``)
+through a store that *records* instead of writing HDF5, so the paths are
+exactly those ``model.save`` would write, optimizer included. The recording
+(a :class:`StatePlan`) is made once per model and reused: each save then only
+copies every variable into a reusable host buffer, which is the one step that
+blocks training. Restore reads the archive's HDF5 through Keras's own
+``_load_state``, so custom ``load_own_variables`` keep working.
+
+State that ``.keras`` files leave out but exact resumption needs (random seed
+generators, metric accumulators, Python and NumPy global RNGs) is captured
+separately as a small JSON-able :class:`TrainingState`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ckptmgr.archive import ModelSnapshot, VarGroup
+from ckptmgr.errors import UnsupportedModelError
+
+
+def _keras():
+    import keras  # deferred: the coordinator never imports TensorFlow
+
+    return keras
+
+
+@dataclass
+class _PlannedGroup:
+    path: str
+    attrs: dict[str, str]
+    values: list[tuple[str, Any]] = field(default_factory=list)
+    saveable: Any = None  # the layer/optimizer whose save_own_variables made it
+    dynamic: bool = False  # values are computed: re-ask the saveable each capture
+
+    def resolve(self) -> None:
+        """Point every value at a live variable, or mark the group dynamic."""
+        if all(_is_variable(v) for _, v in self.values):
+            return
+        variables = list(getattr(self.saveable, "variables", []))
+        if _is_optimizer(self.saveable) and len(variables) == len(self.values):
+            # BaseOptimizer.save_own_variables stores variables[i].numpy() as "i".
+            self.values = [(k, variables[int(k)]) for k, _ in self.values]
+        else:
+            self.dynamic = True
+
+    def current_values(self) -> list[tuple[str, Any]]:
+        if not self.dynamic:
+            return self.values
+        store = _recording_store_class()()
+        self.saveable.save_own_variables(store.make(self.path[: -len("/vars")] if self.path != "vars" else ""))
+        return store.groups[0].values if store.groups else []
+
+
+def _is_variable(value) -> bool:
+    from keras.src.backend.common.variables import Variable
+
+    return isinstance(value, Variable)
+
+
+def _is_optimizer(obj) -> bool:
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    return isinstance(obj, BaseOptimizer)
+
+
+def _recording_store_class():
+    from keras.src.saving import saving_lib
+
+    class RecordingStore(saving_lib.H5IOStore):
+        """Looks like Keras's H5 store; remembers which variable goes where."""
+
+        def __init__(self):  # noqa: D401 - no HDF5 file behind it
+            self.mode = "w"
+            self.groups: list[_PlannedGroup] = []
+            self._current: _PlannedGroup | None = None
+            self._registered = False
+
+        def __bool__(self) -> bool:
+            return True
+
+        def make(self, path, metadata=None):
+            group_path = f"{path}/vars" if path else "vars"
+            # _save_state calls make() right before saveable.save_own_variables.
+            saveable = sys._getframe(1).f_locals.get("saveable")
+            self._current = _PlannedGroup(group_path, dict(metadata or {}), saveable=saveable)
+            self._registered = False
+            if metadata:
+                self._register()
+            return self
+
+        def _register(self):
+            if not self._registered:
+                self.groups.append(self._current)
+                self._registered = True
+
+        def __setitem__(self, key, value):
+            self._register()
+            self._current.values.append((str(key), value))
+
+        def __len__(self):
+            return len(self._current.values) if self._current else 0
+
+        def keys(self):
+            return [k for k, _ in self._current.values] if self._current else []
+
+        def close(self):
+            pass
+
+    return RecordingStore
+
+
+def _check_no_assets(model) -> None:
+    """Refuse models whose layers save assets (lookup tables): not captured yet."""
+    import tempfile
+
+    from keras.src.saving import saving_lib
+
+    with tempfile.TemporaryDirectory(prefix="ckptmgr-assets-") as tmp:
+
+        class AssetRecorder(saving_lib.DiskIOStore):
+            def __init__(self):
+                self.mode, self.archive, self.root_path = "w", None, tmp
+                self.working_dir = tmp
+                self.used: list[str] = []
+
+            def make(self, path):
+                self.used.append(path or "<model>")
+                target = os.path.join(tmp, path or "root")
+                os.makedirs(target, exist_ok=True)
+                return target
+
+            def close(self):
+                pass
+
+        recorder = AssetRecorder()
+        saving_lib._save_state(
+            model, weights_store=None, assets_store=recorder, inner_path="",
+            visited_saveables=set(),
+        )
+        for path in recorder.used:
+            target = os.path.join(tmp, path if path != "<model>" else "root")
+            if os.listdir(target):
+                raise UnsupportedModelError(
+                    f"Layer at {path!r} saves assets (e.g. a lookup table), which "
+                    "ckptmgr does not capture yet. Apply such layers in the input "
+                    "pipeline instead of inside the trained model."
+                )
+
+
+def _all_layers(model):
+    return [model] + list(model._flatten_layers(include_self=False))
+
+
+class StatePlan:
+    """Where every piece of a model's state goes in ``model.weights.h5``.
+
+    Made once per model; holds references to the live variables, so it lives on
+    the worker. :meth:`capture` copies their values into reusable host buffers.
+    """
+
+    def __init__(self, model):
+        keras = _keras()
+        from keras.src.saving import saving_lib
+
+        _check_no_assets(model)
+        store = _recording_store_class()()
+        saving_lib._save_state(
+            model,
+            weights_store=store,
+            assets_store=None,
+            inner_path="",
+            visited_saveables=set(),
+        )
+        self.groups: list[_PlannedGroup] = store.groups
+        for group in self.groups:
+            group.resolve()
+        self._model = model
+        self._signature = _variable_signature(model)
+        self._buffers: dict[tuple[int, str], np.ndarray] = {}
+        self._keras_version = keras.__version__
+        for group in self.groups:
+            for key, value in group.values:
+                dtype = str(getattr(value, "dtype", ""))
+                if "bfloat16" in dtype:
+                    raise UnsupportedModelError(
+                        f"Variable {group.path}/{key} is bfloat16, which ckptmgr "
+                        "does not write yet. Keep variables in float32 (a "
+                        "mixed_bfloat16 policy does)."
+                    )
+
+    def is_current(self, model) -> bool:
+        """False when variables were added since planning (re-plan then)."""
+        return model is self._model and _variable_signature(model) == self._signature
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_host(v).nbytes for g in self.groups for _, v in g.values)
+
+    def capture(self, *, reuse_buffers: bool = True) -> ModelSnapshot:
+        """Copy all state to host memory: a true snapshot, safe from later steps.
+
+        With ``reuse_buffers`` the copy goes into buffers kept from the last
+        capture (no page faults; ~memcpy speed). The caller must not reuse them
+        while an earlier snapshot is still being written.
+        """
+        groups = []
+        for gi, group in enumerate(self.groups):
+            arrays = []
+            for key, value in group.current_values():
+                source = _host(value)
+                buf = self._buffers.get((gi, key)) if reuse_buffers else None
+                if buf is None or buf.shape != source.shape or buf.dtype != source.dtype:
+                    buf = np.empty(source.shape, source.dtype)
+                    if reuse_buffers:
+                        self._buffers[(gi, key)] = buf
+                np.copyto(buf, source)
+                arrays.append((key, buf))
+            groups.append(VarGroup(group.path, dict(group.attrs), arrays))
+        return ModelSnapshot(
+            config_json=model_config_json(self._model),
+            metadata_json=json.dumps(
+                {
+                    "keras_version": self._keras_version,
+                    "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+                }
+            ),
+            groups=groups,
+        )
+
+
+def _variable_signature(model) -> tuple[int, int]:
+    optimizer = getattr(model, "optimizer", None)
+    n_opt = len(optimizer.variables) if optimizer is not None else 0
+    return (len(model.variables), n_opt)
+
+
+def _host(value) -> np.ndarray:
+    """A host view of a variable's current value (zero-copy where possible)."""
+    inner = getattr(value, "value", value)
+    if hasattr(inner, "numpy"):
+        return np.asarray(inner.numpy())
+    return np.asarray(value)
+
+
+def model_config_json(model) -> str:
+    """The ``config.json`` Keras writes: architecture, compile and build config."""
+    keras = _keras()
+    from keras.src.saving.serialization_lib import ObjectSharingScope
+
+    with ObjectSharingScope():
+        return json.dumps(keras.saving.serialize_keras_object(model))
+
+
+def ensure_built_optimizer(model) -> None:
+    """Build the optimizer's slots so its saved state has somewhere to go."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built and model.built:
+        optimizer.build(model.trainable_variables)
+
+
+def apply_weights(model, h5file) -> None:
+    """Load weights and optimizer state from an open ``model.weights.h5``."""
+    from keras.src.saving import saving_lib
+
+    class _OpenStore(saving_lib.H5IOStore):
+        def __init__(self, h5):  # an already open h5py.File
+            self.h5_file, self.mode, self.archive, self.io_file = h5, "r", None, None
+            self._h5_entry_path = None
+            self._h5_entry_group = {}
+            self._h5_entry_metadata = None
+            self._h5_entry_initialized = False
+
+        def close(self):
+            pass
+
+    ensure_built_optimizer(model)
+    failed: set[int] = set()
+    errors: dict[int, Any] = {}
+    saving_lib._load_state(
+        model,
+        weights_store=_OpenStore(h5file),
+        assets_store=None,
+        inner_path="",
+        visited_saveables=set(),
+        failed_saveables=failed,
+        error_msgs=errors,
+    )
+    if failed:
+        first = next(iter(errors.values()))
+        from ckptmgr.errors import CorruptCheckpointError
+
+        raise CorruptCheckpointError(
+            f"The checkpoint does not fit this model: {first[0].name!r}: {first[1]}. "
+            "Restore into the same architecture that was saved."
+        )
+
+
+# -- training-loop state that .keras files leave out -------------------------
+
+
+@dataclass
+class TrainingState:
+    """RNG and metric state for exact resumption (stored in the manifest)."""
+
+    seed_generators: list[list[int]] = field(default_factory=list)
+    metrics: list[list[float]] = field(default_factory=list)
+    python_random: Any = None
+    numpy_random: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seed_generators": self.seed_generators,
+            "metrics": self.metrics,
+            "python_random": self.python_random,
+            "numpy_random": self.numpy_random,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> "TrainingState":
+        return cls(**(data or {}))
+
+
+def _seed_states(model) -> list:
+    keras = _keras()
+    from keras.src.random.seed_generator import global_seed_generator
+
+    states = []
+    for layer in _all_layers(model):
+        states += [sg.state for sg in getattr(layer, "_seed_generators", [])]
+    try:
+        states.append(global_seed_generator().state)
+    except Exception:  # noqa: BLE001 - no global generator on this backend yet
+        pass
+    del keras
+    return states
+
+
+def capture_training_state(model) -> TrainingState:
+    """Small state (copied to Python lists) needed for bit-identical resumes."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    return TrainingState(
+        seed_generators=[np.asarray(s.numpy()).tolist() for s in _seed_states(model)],
+        metrics=[np.asarray(v.numpy()).reshape(-1).tolist() for v in model.metrics_variables],
+        python_random=[py_state[0], list(py_state[1]), py_state[2]],
+        numpy_random=[np_state[0], np_state[1].tolist(), *np_state[2:]],
+    )
+
+
+def apply_training_state(model, state: TrainingState) -> None:
+    """Put RNG and metric state back; silently skips parts that do not match."""
+    seeds = _seed_states(model)
+    if len(seeds) == len(state.seed_generators):
+        for var, value in zip(seeds, state.seed_generators):
+            var.assign(np.asarray(value, dtype=var.dtype))
+    metric_vars = model.metrics_variables
+    if len(metric_vars) == len(state.metrics):
+        for var, value in zip(metric_vars, state.metrics):
+            var.assign(np.asarray(value, dtype=var.dtype).reshape(var.shape))
+    if state.python_random:
+        version, internal, gauss = state.python_random
+        random.setstate((version, tuple(internal), gauss))
+    if state.numpy_random:
+        name, keys, pos, has_gauss, cached = state.numpy_random
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
