@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +39,7 @@ from ckptmgr.storage import CHUNK_BYTES, Storage, archive_name, copy_to_destinat
 log = logging.getLogger("ckptmgr")
 
 BusyPolicy = Literal["wait", "skip"]
+Progress = Callable[[int, int], None]  # (bytes just read, total bytes)
 
 
 @dataclass(frozen=True)
@@ -283,20 +284,20 @@ class CheckpointManager:
         return manifest
 
     # -- integrity ---------------------------------------------------------------
-    def verify(self, step: int | None = None) -> list[VerifyResult]:
+    def verify(self, step: int | None = None, *, progress: Progress | None = None) -> list[VerifyResult]:
         """Recompute checksums of one step, or of every committed step."""
         steps = [self._resolve_step(step)] if step is not None else self.steps()
-        return [self._verify_one(s) for s in steps]
+        return [self._verify_one(s, progress) for s in steps]
 
-    def _verify_one(self, step: int) -> VerifyResult:
+    def _verify_one(self, step: int, progress: Progress | None = None) -> VerifyResult:
         try:
             manifest = self.manifest(step)
-            self._check_archive(manifest, sink=None)
+            self._check_archive(manifest, sink=None, progress=progress)
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
             return VerifyResult(step, False, _one_line(exc, step))
         return VerifyResult(step, True)
 
-    def _check_archive(self, manifest: Manifest, sink) -> None:
+    def _check_archive(self, manifest: Manifest, sink, progress: Progress | None = None) -> None:
         """Stream the archive once, hashing it (and copying it into ``sink``)."""
         step, name, entry = manifest.step, manifest.archive, manifest.archive_entry
         try:
@@ -313,6 +314,8 @@ class CheckpointManager:
             digest.update(chunk)
             if sink is not None:
                 sink.write(chunk)
+            if progress is not None:
+                progress(len(chunk), entry.bytes)
         if digest.hexdigest() != entry.sha256:
             raise CorruptCheckpointError(
                 f"step {step}: {name} is corrupt (sha256 {digest.hexdigest()[:12]}..., "
@@ -320,18 +323,18 @@ class CheckpointManager:
             )
 
     @contextmanager
-    def verified_archive(self, step: int | None = None) -> Iterator[tuple[Manifest, str]]:
+    def verified_archive(self, step: int | None = None, *, progress: Progress | None = None) -> Iterator[tuple[Manifest, str]]:
         """A local path to a verified archive of ``step`` (downloaded if remote)."""
         manifest = self.manifest(step)
         local = self.storage.local_archive_path(manifest.step)
         if local is not None:
-            self._check_archive(manifest, sink=None)
+            self._check_archive(manifest, sink=None, progress=progress)
             yield manifest, local
             return
         fd, tmp = tempfile.mkstemp(prefix=f"ckptmgr-{manifest.step}-", suffix=".keras")
         try:
             with os.fdopen(fd, "wb") as sink:
-                self._check_archive(manifest, sink=sink)
+                self._check_archive(manifest, sink=sink, progress=progress)
             yield manifest, tmp
         finally:
             os.remove(tmp)
@@ -441,22 +444,22 @@ class CheckpointManager:
         return PruneReport(decision, tuple(deleted), False)
 
     # -- exporting ----------------------------------------------------------------------
-    def export_weights(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None) -> str:
+    def export_weights(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None) -> str:
         """Write a weights-only ``.weights.h5`` that ``model.load_weights`` accepts."""
         if not str(path).endswith(".weights.h5"):
             raise ConfigError(
                 f"Invalid export path: Received: path={path!r}. Keras requires "
                 "weights files to end with '.weights.h5'."
             )
-        with self.verified_archive(step) as (_, archive), _local_staging() as tmp:
+        with self.verified_archive(step, progress=progress) as (_, archive), _local_staging() as tmp:
             out = os.path.join(tmp, "model.weights.h5")
             with open(archive, "rb") as f:
                 write_weights_only(f, out)
             return copy_to_destination(out, str(path), storage_options)
 
-    def export_keras(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None) -> str:
+    def export_keras(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None) -> str:
         """Copy a verified ``.keras`` archive out of the checkpoint directory."""
-        with self.verified_archive(step) as (_, archive):
+        with self.verified_archive(step, progress=progress) as (_, archive):
             return copy_to_destination(archive, str(path), storage_options)
 
     def export_saved_model(self, path: str, step: int | None = None, *, custom_objects=None, storage_options: dict[str, Any] | None = None) -> str:

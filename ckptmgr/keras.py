@@ -1,0 +1,221 @@
+"""``CheckpointCallback``: rolling checkpoints inside ``model.fit()``, exact resume.
+
+At train begin the callback restores the newest checkpoint that verifies:
+weights, optimizer state, seed-generator and metric state, the Python and
+NumPy global RNGs, and the position in the loop. Keras's ``fit()`` only knows
+how to start at an epoch, so to resume *inside* an epoch the callback swaps
+``model.train_function`` for one that consumes the already-trained batches of
+that epoch without training on them, then puts the real one back. With a
+deterministic setup (``keras.utils.set_random_seed``, TensorFlow op
+determinism, ``shuffle=False``) an interrupted and resumed run therefore ends
+with weights bit-identical to an uninterrupted one.
+
+Saves block ``fit()`` only while state is copied to host memory; the archive
+is written by a background thread (``async_save=True``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Any, Literal
+
+import keras
+import numpy as np
+
+from ckptmgr.errors import ConfigError
+from ckptmgr.manager import CheckpointManager
+from ckptmgr.manifest import LoopState, Manifest
+from ckptmgr.state import TrainingState, apply_training_state, capture_training_state
+
+log = logging.getLogger("ckptmgr")
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Save rolling ``.keras`` checkpoints during ``fit()`` and resume exactly.
+
+    Args:
+        directory_or_manager: a directory/URL, or a ready ``CheckpointManager``
+            (or any object with the same save/restore methods, such as the
+            distributed client).
+        save_freq: ``"epoch"`` or a number of batches (global, across epochs).
+        storage_options, keep_last, keep_every_n_steps, keep_best,
+            keep_best_mode, keep_within, on_busy: passed to the manager when a
+            directory is given.
+        restore: restore the newest good checkpoint at train begin.
+        async_save: write in a background thread; ``fit()`` blocks only for
+            the copy to host memory.
+        save_on_train_end: save the final state unless it was just saved.
+    """
+
+    def __init__(
+        self,
+        directory_or_manager: str | os.PathLike | CheckpointManager | Any,
+        *,
+        save_freq: Literal["epoch"] | int = "epoch",
+        storage_options: dict[str, Any] | None = None,
+        keep_last: int | None = None,
+        keep_every_n_steps: int | None = None,
+        keep_best: str | None = None,
+        keep_best_mode: str = "min",
+        keep_within: timedelta | str | None = None,
+        on_busy: Literal["wait", "skip"] = "wait",
+        restore: bool = True,
+        async_save: bool = True,
+        save_on_train_end: bool = True,
+    ):
+        super().__init__()
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
+        ):
+            raise ConfigError(
+                f"Invalid save_freq: Received: save_freq={save_freq!r}. "
+                "Use 'epoch' or a number of batches >= 1."
+            )
+        if isinstance(directory_or_manager, (str, os.PathLike)):
+            directory_or_manager = CheckpointManager(
+                directory_or_manager,
+                storage_options=storage_options,
+                keep_last=keep_last,
+                keep_every_n_steps=keep_every_n_steps,
+                keep_best=keep_best,
+                keep_best_mode=keep_best_mode,
+                keep_within=keep_within,
+                on_busy=on_busy,
+            )
+        self.manager = directory_or_manager
+        self.save_freq = save_freq
+        self.restore_on_begin = restore
+        self.async_save = async_save
+        self.save_on_train_end = save_on_train_end
+        self.restored_step: int | None = None
+        self.restored_manifest: Manifest | None = None
+        self._reset_position()
+
+    def _reset_position(self) -> None:
+        self._global_step = 0
+        self._epoch = 0
+        self._batch = 0  # batches done in the current epoch
+        self._batch_begin = 0
+        self._epoch_done = False
+        self._last_saved_step: int | None = None
+        self._skip: tuple[int, int] | None = None  # (epoch, batches to skip)
+
+    # -- begin: restore -------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._reset_position()
+        self._global_step = _optimizer_iterations(self.model)
+        if not self.restore_on_begin or self.manager.latest_step() is None:
+            return
+        manifest = self.manager.restore(self.model)
+        self.restored_manifest, self.restored_step = manifest, manifest.step
+        self._global_step = self._last_saved_step = manifest.step
+        loop = manifest.loop or LoopState()
+        apply_training_state(self.model, TrainingState.from_json(loop.training))
+        self.model._initial_epoch = loop.next_epoch
+        self._epoch = loop.next_epoch
+        if loop.next_batch > 0:
+            self._skip = (loop.next_epoch, loop.next_batch)
+            self._install_skipper(loop.next_batch)
+        log.info(
+            "ckptmgr: resumed from step %d (epoch %d, batch %d)",
+            manifest.step, loop.next_epoch, loop.next_batch,
+        )
+
+    def _install_skipper(self, batches: int) -> None:
+        """Consume ``batches`` of the resumed epoch without training on them."""
+        model = self.model
+        real_train_function = model.train_function
+        per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+        remaining = [batches]
+
+        def skip_trained_batches(iterator):
+            for _ in range(min(per_call, remaining[0])):
+                next(iterator)
+            remaining[0] -= per_call
+            if remaining[0] <= 0:
+                model.train_function = real_train_function
+            return {}
+
+        model.train_function = skip_trained_batches
+
+    # -- progress -----------------------------------------------------------
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._batch, self._epoch_done = epoch, 0, False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch_begin = batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._skip is not None:
+            skip_epoch, skip_batches = self._skip
+            if self._epoch == skip_epoch and batch < skip_batches:
+                self._batch = batch + 1
+                return
+            self._skip = None
+        done = batch - self._batch_begin + 1
+        before = self._global_step
+        self._global_step += done
+        self._batch = batch + 1
+        if self.save_freq != "epoch" and before // self.save_freq != self._global_step // self.save_freq:
+            self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch_done = True
+        self._skip = None
+        if self.save_freq == "epoch":
+            self._save(logs, next_epoch=epoch + 1, next_batch=0)
+
+    def on_train_end(self, logs=None):
+        try:
+            if self.save_on_train_end and self._global_step != self._last_saved_step:
+                if self._epoch_done:
+                    self._save(logs, next_epoch=self._epoch + 1, next_batch=0)
+                else:
+                    self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+            self.manager.wait_until_finished()
+        finally:
+            self.model._initial_epoch = None
+
+    # -- saving ---------------------------------------------------------------
+    def _save(self, logs, *, next_epoch: int, next_batch: int) -> None:
+        step = self._global_step
+        if step == self._last_saved_step:
+            return
+        loop = LoopState(
+            epoch=self._epoch,
+            batch=self._batch,
+            next_epoch=next_epoch,
+            next_batch=next_batch,
+            training=capture_training_state(self.model).to_json(),
+        )
+        result = self.manager.save(
+            step,
+            self.model,
+            metrics=_scalar_logs(logs),
+            loop=loop,
+            blocking=not self.async_save,
+        )
+        if result is not None:  # None: skipped, the previous save still writing
+            self._last_saved_step = step
+
+
+def _optimizer_iterations(model) -> int:
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not optimizer.built:
+        return 0
+    return int(np.asarray(optimizer.iterations.numpy()))
+
+
+def _scalar_logs(logs) -> dict[str, float]:
+    """Keep the scalar metrics of Keras logs, as Python floats."""
+    metrics = {}
+    for key, value in (logs or {}).items():
+        try:
+            array = np.asarray(value)
+        except Exception:  # noqa: BLE001 - skip anything that is not numeric
+            continue
+        if array.size == 1 and np.issubdtype(array.dtype, np.number):
+            metrics[key] = float(array.reshape(()))
+    return metrics

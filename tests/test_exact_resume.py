@@ -1,0 +1,131 @@
+"""Interrupted-and-resumed fit() ends bit-identical to an uninterrupted one.
+
+Deterministic setup: keras.utils.set_random_seed, TF op determinism,
+shuffle=False. The model has Dropout, so seed-generator state must be
+restored too, and Adam, so optimizer slots and iterations must be.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+import tensorflow as tf  # noqa: E402
+
+from ckptmgr import CheckpointManager  # noqa: E402
+from ckptmgr.keras import CheckpointCallback  # noqa: E402
+
+SAMPLES, BATCH, EPOCHS = 96, 16, 3  # 6 batches per epoch, 18 in all
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(keras.callbacks.Callback):
+    """Raise after ``global_batch`` batches, like a crash mid-epoch."""
+
+    def __init__(self, global_batch: int):
+        super().__init__()
+        self.global_batch, self.seen = global_batch, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.global_batch:
+            raise Interrupt()
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(SAMPLES, 6)).astype("float32")
+    y = (x @ rng.normal(size=(6, 1)) + 0.1).astype("float32")
+    return x, y
+
+
+def _model():
+    keras.utils.set_random_seed(42)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+    return model
+
+
+def _fit(directory, save_freq, interrupt_at=None):
+    model = _model()
+    callback = CheckpointCallback(directory, save_freq=save_freq)
+    callbacks = [callback] + ([InterruptAt(interrupt_at)] if interrupt_at else [])
+    x, y = _data()
+    try:
+        history = model.fit(
+            x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=callbacks
+        )
+    except Interrupt:
+        callback.manager.wait_until_finished()  # what a crash leaves: committed saves
+        return model, callback, None
+    return model, callback, history
+
+
+def _state(model):
+    return [v.numpy() for v in model.weights + model.optimizer.variables]
+
+
+@pytest.fixture(autouse=True)
+def _determinism():
+    tf.config.experimental.enable_op_determinism()
+
+
+@pytest.mark.parametrize(
+    "save_freq, interrupt_at, resumed_at",
+    [
+        ("epoch", 10, (1, 0)),  # last save at end of epoch 0 (step 6)
+        (4, 11, (1, 2)),  # last save at step 8: epoch 1, 2 batches in
+    ],
+    ids=["epoch", "mid-epoch"],
+)
+def test_resume_is_bit_identical(tmp_path, save_freq, interrupt_at, resumed_at):
+    reference, _, ref_history = _fit(tmp_path / "reference", save_freq)
+
+    _, _, none = _fit(tmp_path / "run", save_freq, interrupt_at=interrupt_at)
+    assert none is None
+    resumed, callback, history = _fit(tmp_path / "run", save_freq)
+
+    manifest = callback.restored_manifest
+    assert manifest is not None
+    assert (manifest.loop.next_epoch, manifest.loop.next_batch) == resumed_at
+    for ref, got in zip(_state(reference), _state(resumed), strict=True):
+        np.testing.assert_array_equal(ref, got)
+    assert int(resumed.optimizer.iterations) == EPOCHS * SAMPLES // BATCH
+    # Epoch-end logs of the resumed epoch match too: metric state was restored.
+    assert history.history["loss"][-1] == ref_history.history["loss"][-1]
+    assert CheckpointManager(tmp_path / "run").latest_step() == EPOCHS * SAMPLES // BATCH
+
+
+def test_fresh_run_over_old_checkpoints_never_overwrites(tmp_path):
+    """restore=False over existing checkpoints: the first clashing save fails loudly."""
+    from ckptmgr.errors import CheckpointExistsError
+
+    _fit(tmp_path / "run", 4, interrupt_at=11)
+    before = CheckpointManager(tmp_path / "run").manifest(4)
+    model = _model()
+    x, y = _data()
+    with pytest.raises(CheckpointExistsError, match="step 4 already exists"):
+        model.fit(
+            x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
+            callbacks=[CheckpointCallback(tmp_path / "run", save_freq=4, restore=False)],
+        )
+    assert CheckpointManager(tmp_path / "run").manifest(4) == before
+
+
+def test_completed_run_resumes_to_a_no_op(tmp_path):
+    first, _, _ = _fit(tmp_path / "run", "epoch")
+    again, callback, _ = _fit(tmp_path / "run", "epoch")
+    assert callback.restored_step == EPOCHS * SAMPLES // BATCH
+    for a, b in zip(_state(first), _state(again), strict=True):
+        np.testing.assert_array_equal(a, b)
