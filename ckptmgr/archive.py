@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
+from ckptmgr import faults
 from ckptmgr.errors import CorruptCheckpointError
 
 METADATA_FILENAME = "metadata.json"
@@ -146,7 +147,9 @@ def _native(array: np.ndarray) -> np.ndarray:
 
 def _stream_h5(entry: BinaryIO, skeleton: BinaryIO, regions: list, total: int) -> None:
     position = 0
-    for offset, array in regions:
+    for index, (offset, array) in enumerate(regions):
+        if index == len(regions) // 2:
+            faults.crash_point("archive_mid_stream")
         _copy_range(skeleton, entry, position, offset - position)
         view = memoryview(array.reshape(-1).view(np.uint8))
         for start in range(0, len(view), _CHUNK):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from ckptmgr import faults
 from ckptmgr.archive import ModelSnapshot, open_weights, write_keras_archive, write_weights_only
 from ckptmgr.errors import (
     CheckpointNotFoundError,
@@ -274,6 +275,7 @@ class CheckpointManager:
         )
         if pin:
             self.storage.write_pin(step, True)
+        faults.crash_point("before_manifest")
         self.storage.write_manifest(step, manifest.to_bytes())
         log.info(
             "ckptmgr: saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",

@@ -1,0 +1,559 @@
+"""``ckptmgr``: list, inspect, verify, export, prune and pin checkpoints; run the example job.
+
+A thin edge over :class:`~ckptmgr.manager.CheckpointManager` and
+:mod:`ckptmgr.job`; runs on the user's machine (the coordinator side).
+
+Errors: any :class:`~ckptmgr.errors.CkptmgrError` (and ``OSError``/``ValueError``
+caused by user input) prints one ``error: ...`` line to stderr and exits 1;
+usage errors exit 2. ``--debug`` shows the traceback instead.
+
+TensorFlow/Keras are imported only by the commands that need them (``export``,
+``run``, ``resume``), so ``list``, ``inspect``, ``verify``, ``prune`` and ``pin``
+start in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from enum import Enum
+from typing import Any, Optional
+
+import typer
+
+from ckptmgr.errors import CheckpointNotFoundError, CkptmgrError
+from ckptmgr.manager import CheckpointManager, Progress
+from ckptmgr.manifest import Manifest
+from ckptmgr.storage import parse_storage_options
+
+app = typer.Typer(
+    name="ckptmgr",
+    help="Rolling, verified, resumable .keras checkpoints on any fsspec storage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+URL_HELP = "Checkpoint directory: a local path or an fsspec URL (gs://, s3://, memory://...)."
+OPTION_HELP = "Storage option key=value passed to fsspec (repeatable), e.g. endpoint_url=http://..."
+STEP_HELP = "Checkpoint step (default: the newest)."
+
+UrlArg = typer.Argument(..., help=URL_HELP, metavar="URL", show_default=False)
+StorageOpt = typer.Option(None, "--storage-option", help=OPTION_HELP, metavar="KEY=VALUE")
+
+
+class ExportFormat(str, Enum):
+    weights = "weights"
+    keras = "keras"
+    savedmodel = "savedmodel"
+
+
+class Mode(str, Enum):
+    min = "min"
+    max = "max"
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+) -> None:
+    """Rolling, verified, resumable .keras checkpoints on any fsspec storage."""
+    _state["debug"] = debug
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if debug else "warning: %(message)s"))
+    logger = logging.getLogger("ckptmgr")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _manager(url: str, options: list[str] | None, **kwargs: Any) -> CheckpointManager:
+    """A manager on ``url``; a local directory that does not exist is an error."""
+    manager = CheckpointManager(url, storage_options=parse_storage_options(options), **kwargs)
+    storage = manager.storage
+    if storage.is_local and not os.path.isdir(storage.root):
+        raise CheckpointNotFoundError(
+            f"No checkpoint directory at {url}: it does not exist. Check the path."
+        )
+    return manager
+
+
+def _require_steps(manager: CheckpointManager) -> list[int]:
+    steps = manager.steps()
+    if not steps:
+        raise CheckpointNotFoundError(f"No checkpoints under {manager.directory}.")
+    return steps
+
+
+def _out(text: str = "") -> None:
+    typer.echo(text)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else int(os.environ.get("COLUMNS", "160"))
+    return Console(file=stream, width=width, highlight=False, soft_wrap=False)
+
+
+@contextmanager
+def _progress(description: str) -> Iterator[Progress | None]:
+    """A byte progress bar on stderr when it is a terminal; else no callback."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress as RichProgress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = RichProgress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    )
+    task = None
+
+    def advance(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = bar.add_task(description, total=total)
+        bar.update(task, advance=done, total=total)
+
+    with bar:
+        yield advance
+
+
+def _human(n: int | float) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _when(dt: datetime) -> str:
+    return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _metrics_text(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+def _manifest_row(manager: CheckpointManager, m: Manifest, pinned: set[int]) -> dict[str, Any]:
+    loop = m.loop
+    return {
+        "step": m.step,
+        "path": manager.storage.archive_url(m.step),
+        "bytes": m.archive_entry.bytes,
+        "created": m.created.isoformat(),
+        "metrics": dict(m.metrics),
+        "epoch": loop.epoch if loop else None,
+        "batch": loop.batch if loop else None,
+        "pinned": m.step in pinned,
+        "keras_version": m.keras_version,
+        "stats": m.stats.model_dump(),
+    }
+
+
+# -- listing and inspecting ------------------------------------------------------
+
+
+@app.command("list")
+def list_(
+    url: str = UrlArg,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array instead of a table."),
+    storage_option: Optional[list[str]] = StorageOpt,
+) -> None:
+    """List committed checkpoints: step, created, size, metrics, pinned."""
+    manager = _manager(url, storage_option)
+    manifests = manager.manifests()
+    pinned = manager.storage.pinned_steps()
+    rows = [_manifest_row(manager, m, pinned) for m in manifests]
+    if as_json:
+        _out(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no checkpoints under {manager.directory}", err=True)
+        return
+    from rich.table import Table
+
+    table = Table(title=manager.directory, title_justify="left")
+    for name, justify in [("step", "right"), ("created", "left"), ("size", "right"),
+                          ("epoch", "right"), ("metrics", "left"), ("pinned", "left")]:
+        table.add_column(name, justify=justify, no_wrap=name != "metrics")
+    for m, row in zip(manifests, rows):
+        table.add_row(
+            str(m.step),
+            _when(m.created),
+            _human(row["bytes"]),
+            "" if row["epoch"] is None else str(row["epoch"]),
+            _metrics_text(m.metrics),
+            "pinned" if row["pinned"] else "",
+        )
+    _console().print(table)
+
+
+@app.command()
+def inspect(
+    url: str = UrlArg,
+    step: Optional[int] = typer.Option(None, "--step", help=STEP_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    storage_option: Optional[list[str]] = StorageOpt,
+) -> None:
+    """Show one checkpoint: manifest, loop state, save stats, model, optimizer, files.
+
+    Reads only the archive's config.json and weight shapes; does not build the
+    model or verify checksums (use `ckptmgr verify`).
+    """
+    from ckptmgr.archive import open_weights, read_json_member
+
+    manager = _manager(url, storage_option)
+    m = manager.manifest(step)
+    with manager.storage.open_archive(m.step) as f:
+        config = read_json_member(f, "config.json")
+        with open_weights(f) as h5:
+            counts = _weight_counts(h5)
+    model = _model_summary(config, counts)
+    optimizer = _optimizer_summary(config)
+    pinned = m.step in manager.storage.pinned_steps()
+    if as_json:
+        info = _manifest_row(manager, m, {m.step} if pinned else set())
+        info.update(
+            schema_version=m.schema_version,
+            loop=m.loop.model_dump(exclude={"training"}) if m.loop else None,
+            world=m.world,
+            extra=m.extra,
+            model=model,
+            optimizer=optimizer,
+            files={name: e.model_dump() for name, e in m.files.items()},
+        )
+        _out(json.dumps(info, indent=2, default=str))
+        return
+    _print_inspect(manager, m, pinned, model, optimizer)
+
+
+def _weight_counts(h5) -> dict[str, int]:
+    """Number of values per top-level group of the weights file (layers, optimizer)."""
+    counts: dict[str, int] = {}
+
+    def visit(name: str, obj) -> None:
+        if hasattr(obj, "shape") and obj.shape is not None:
+            size = 1
+            for d in obj.shape:
+                size *= d
+            parts = name.split("/")
+            key = "/".join(parts[:2]) if parts[0] == "layers" and len(parts) > 1 else parts[0]
+            counts[key] = counts.get(key, 0) + size
+
+    h5.visititems(visit)
+    return counts
+
+
+def _model_summary(config: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+    inner = config.get("config") or {}
+    layers = []
+    for layer in inner.get("layers") or []:
+        lc = layer.get("config") or {}
+        name = lc.get("name", "?")
+        details = {
+            k: lc[k]
+            for k in ("units", "activation", "filters", "kernel_size", "rate", "batch_shape", "output_dim")
+            if k in lc and lc[k] is not None
+        }
+        layers.append({
+            "name": name,
+            "class": layer.get("class_name", "?"),
+            "details": details,
+            "params": counts.get(f"layers/{name}", 0),
+        })
+    return {
+        "class": config.get("class_name", "?"),
+        "name": inner.get("name", ""),
+        "layers": layers,
+        "params": sum(v for k, v in counts.items() if k.startswith("layers")),
+        "optimizer_values": counts.get("optimizer", 0),
+    }
+
+
+def _optimizer_summary(config: dict[str, Any]) -> dict[str, Any] | None:
+    compile_config = config.get("compile_config") or {}
+    optimizer = compile_config.get("optimizer")
+    if not optimizer:
+        return None
+    if isinstance(optimizer, str):
+        return {"class": optimizer, "config": {}, "loss": compile_config.get("loss")}
+    return {
+        "class": optimizer.get("class_name", "?"),
+        "config": optimizer.get("config") or {},
+        "loss": compile_config.get("loss"),
+        "metrics": compile_config.get("metrics"),
+    }
+
+
+def _print_inspect(manager, m: Manifest, pinned: bool, model, optimizer) -> None:
+    _out(f"checkpoint   step {m.step}")
+    _out(f"path         {manager.storage.archive_url(m.step)}")
+    _out(f"created      {_when(m.created)}")
+    _out(f"keras        {m.keras_version or '?'} (manifest schema {m.schema_version})")
+    _out(f"pinned       {'yes' if pinned else 'no'}")
+    _out(f"metrics      {_metrics_text(m.metrics) or '-'}")
+    if m.loop:
+        lp = m.loop
+        _out(
+            f"loop         saved at epoch {lp.epoch}, batch {lp.batch}; "
+            f"next: epoch {lp.next_epoch}, batch {lp.next_batch}"
+        )
+    else:
+        _out("loop         -")
+    s = m.stats
+    _out(
+        f"save         {_human(s.bytes)}, blocked {s.blocked_s:.3f} s, "
+        f"write {s.write_s:.3f} s, {s.mb_per_s:.1f} MB/s"
+    )
+    if m.world:
+        _out(f"world        {json.dumps(m.world, default=str)}")
+    if m.extra:
+        _out(f"extra        {json.dumps(m.extra, default=str)}")
+    _out()
+    _out(f"model        {model['class']} {model['name']!r}: {model['params']:,} parameters")
+    width = max([len(layer["name"]) for layer in model["layers"]] + [4])
+    for layer in model["layers"]:
+        details = ", ".join(f"{k}={v}" for k, v in layer["details"].items())
+        _out(f"  {layer['name']:<{width}}  {layer['class']:<14} {layer['params']:>10,}  {details}")
+    if optimizer:
+        cfg = ", ".join(
+            f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in optimizer["config"].items()
+            if v is not None and k != "name"
+        )
+        _out(f"optimizer    {optimizer['class']}: {cfg}")
+        _out(f"  state      {model['optimizer_values']:,} values")
+        _out(f"loss         {json.dumps(optimizer.get('loss'), default=str)}")
+    _out()
+    _out("files")
+    for name, entry in m.files.items():
+        _out(f"  {name}  {entry.bytes} bytes  sha256 {entry.sha256}")
+
+
+# -- integrity and export ------------------------------------------------------
+
+
+@app.command()
+def verify(
+    url: str = UrlArg,
+    step: Optional[int] = typer.Option(None, "--step", help="Verify only this step (default: all)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+) -> None:
+    """Recompute checksums; exit 0 only if every checked checkpoint is intact."""
+    manager = _manager(url, storage_option)
+    steps = [step] if step is not None else _require_steps(manager)
+    bad = 0
+    for s in steps:
+        with _progress(f"verify step {s}") as progress:
+            results = manager.verify(s, progress=progress)
+        for result in results:
+            if result.ok:
+                _out(f"ok step {result.step}")
+            else:
+                bad += 1
+                _out(f"bad {result.problem}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    url: str = UrlArg,
+    output: str = typer.Option(..., "--output", "-o", help="Destination path or URL.", show_default=False),
+    fmt: ExportFormat = typer.Option(..., "--format", "-f", help="weights (.weights.h5), keras (.keras) or savedmodel (directory)."),
+    step: Optional[int] = typer.Option(None, "--step", help=STEP_HELP),
+    unsafe: bool = typer.Option(False, "--unsafe", help="savedmodel: allow Python lambdas (only for checkpoints you trust)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    dest_option: Optional[list[str]] = typer.Option(
+        None, "--dest-option", metavar="KEY=VALUE",
+        help="Storage option for the destination (repeatable); default: the --storage-option values when both are on the same backend.",
+    ),
+) -> None:
+    """Export a verified checkpoint as weights, a .keras file or a SavedModel."""
+    manager = _manager(url, storage_option)
+    dest_options = _dest_options(url, output, storage_option, dest_option)
+    if fmt is ExportFormat.savedmodel:
+        kwargs: dict[str, Any] = {"storage_options": dest_options}
+        if unsafe:
+            kwargs["safe_mode"] = False
+        done = manager.export_saved_model(output, step, **kwargs)
+    else:
+        method = manager.export_weights if fmt is ExportFormat.weights else manager.export_keras
+        with _progress("export") as progress:
+            done = method(output, step, storage_options=dest_options, progress=progress)
+    _out(f"exported {fmt.value} to {done}")
+
+
+def _dest_options(url: str, output: str, source: list[str] | None, dest: list[str] | None) -> dict[str, Any]:
+    if dest:
+        return parse_storage_options(dest)
+    from fsspec.core import split_protocol
+
+    same = (split_protocol(url)[0] or "file") == (split_protocol(output)[0] or "file")
+    return parse_storage_options(source) if same else {}
+
+
+# -- retention -----------------------------------------------------------------
+
+
+@app.command()
+def prune(
+    url: str = UrlArg,
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Keep the N newest."),
+    keep_every_n_steps: Optional[int] = typer.Option(None, "--keep-every-n-steps", min=1, help="Keep steps that are multiples of K."),
+    keep_best: Optional[str] = typer.Option(None, "--keep-best", metavar="METRIC", help="Keep the best by this metric."),
+    mode: Mode = typer.Option(Mode.min, "--mode", help="For --keep-best: min (loss) or max (accuracy)."),
+    keep_within: Optional[str] = typer.Option(None, "--keep-within", metavar="DURATION", help="Keep those younger than this, e.g. 7d, 12h."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be deleted; delete nothing."),
+    sweep_grace: float = typer.Option(3600.0, "--sweep-grace", metavar="SECONDS", help="Remove leftovers of interrupted writes older than this."),
+    storage_option: Optional[list[str]] = StorageOpt,
+) -> None:
+    """Delete checkpoints no rule keeps (rules combine as a union).
+
+    The newest and pinned checkpoints are always kept.
+    """
+    from ckptmgr.retention import RetentionPolicy
+
+    if keep_last is None and keep_every_n_steps is None and keep_best is None and keep_within is None:
+        typer.echo(
+            "error: no retention rule given; pass at least one of --keep-last, "
+            "--keep-every-n-steps, --keep-best, --keep-within.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    policy = RetentionPolicy.from_options(
+        keep_last=keep_last,
+        keep_every_n_steps=keep_every_n_steps,
+        keep_best=keep_best,
+        keep_best_mode=mode.value,
+        keep_within=keep_within,
+    )
+    manager = _manager(url, storage_option, sweep_grace_s=sweep_grace)
+    report = manager.prune(dry_run=dry_run, retention=policy)
+    for s, reasons in report.decision.keep.items():
+        _out(f"keep   step {s}: {', '.join(reasons)}")
+    deleted = report.decision.delete if dry_run else report.deleted
+    verb = "would delete" if dry_run else "delete"
+    for s in deleted:
+        _out(f"{verb} step {s}")
+    if dry_run:
+        _out(f"dry run: would keep {len(report.decision.keep)}, delete {len(deleted)}; nothing deleted")
+    else:
+        _out(f"kept {len(report.decision.keep)}, deleted {len(deleted)}")
+
+
+@app.command()
+def pin(
+    url: str = UrlArg,
+    step: int = typer.Option(..., "--step", help="Step to pin.", show_default=False),
+    storage_option: Optional[list[str]] = StorageOpt,
+) -> None:
+    """Protect a checkpoint from pruning."""
+    _manager(url, storage_option).pin(step, True)
+    _out(f"pinned step {step}")
+
+
+@app.command()
+def unpin(
+    url: str = UrlArg,
+    step: int = typer.Option(..., "--step", help="Step to unpin.", show_default=False),
+    storage_option: Optional[list[str]] = StorageOpt,
+) -> None:
+    """Let a pinned checkpoint be pruned again."""
+    _manager(url, storage_option).pin(step, False)
+    _out(f"unpinned step {step}")
+
+
+# -- the example job -------------------------------------------------------------
+
+ConfigArg = typer.Argument(..., help="YAML job config, e.g. configs/local.yaml.", metavar="CONFIG", show_default=False)
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config field (repeatable), e.g. training.epochs=5.")
+
+
+@app.command()
+def run(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
+    """Train the example job; continues from the newest checkpoint if there is one."""
+    _run_job(config, set_, resume=False)
+
+
+@app.command()
+def resume(
+    config: str = ConfigArg,
+    set_: Optional[list[str]] = SetOpt,
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (sets ray.address)."),
+) -> None:
+    """Continue the example job from its newest checkpoint (error if there is none)."""
+    _run_job(config, set_, resume=True, address=address)
+
+
+def _run_job(config: str, overrides: list[str] | None, *, resume: bool, address: str | None = None) -> None:
+    from ckptmgr.config import apply_overrides, load_config, set_values
+
+    cfg = apply_overrides(load_config(config), overrides)
+    if address is not None:
+        cfg = set_values(cfg, {"ray.address": address}, {"ray.address": "--address"})
+    from ckptmgr import job
+
+    result = job.run_local(cfg, resume=resume)
+    start = f"resumed from step {result.restored_step}" if result.restored_step is not None else "started fresh"
+    loss = f"final loss {result.final_loss:.4g}" if result.final_loss is not None else "already complete"
+    _out(
+        f"{cfg.name}: {start}; trained to step {result.final_step} "
+        f"({result.epochs} epochs), {loss}; checkpoints in {result.directory}"
+    )
+
+
+# -- entry point -------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if not isinstance(exc, CkptmgrError):
+        line = f"{type(exc).__name__}: {line}"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _state["debug"] = False
+    try:
+        app(args=argv, prog_name="ckptmgr")
+    except (CkptmgrError, OSError, ValueError) as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {_first_line(exc)}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
