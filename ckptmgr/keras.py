@@ -24,6 +24,12 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
+from ckptmgr.distributed import (
+    clear_preemption,
+    client_for,
+    install_sigterm_handler,
+    preemption_requested,
+)
 from ckptmgr.errors import ConfigError
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.manifest import LoopState, Manifest
@@ -64,6 +70,9 @@ class CheckpointCallback(keras.callbacks.Callback):
         restore: bool = True,
         async_save: bool = True,
         save_on_train_end: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        grace_period_s: float = 25.0,
     ):
         super().__init__()
         if save_freq != "epoch" and (
@@ -74,21 +83,27 @@ class CheckpointCallback(keras.callbacks.Callback):
                 "Use 'epoch' or a number of batches >= 1."
             )
         if isinstance(directory_or_manager, (str, os.PathLike)):
-            directory_or_manager = CheckpointManager(
-                directory_or_manager,
-                storage_options=storage_options,
+            retention = dict(
                 keep_last=keep_last,
                 keep_every_n_steps=keep_every_n_steps,
                 keep_best=keep_best,
                 keep_best_mode=keep_best_mode,
                 keep_within=keep_within,
-                on_busy=on_busy,
+            )
+            directory_or_manager = client_for(
+                os.fspath(directory_or_manager), rank=rank, world_size=world_size,
+                storage_options=storage_options, retention=retention, on_busy=on_busy,
+                grace_period_s=grace_period_s,
+            ) or CheckpointManager(
+                directory_or_manager, storage_options=storage_options, on_busy=on_busy, **retention
             )
         self.manager = directory_or_manager
         self.save_freq = save_freq
         self.restore_on_begin = restore
         self.async_save = async_save
         self.save_on_train_end = save_on_train_end
+        self.grace_period_s = grace_period_s
+        self.preempted = False
         self.restored_step: int | None = None
         self.restored_manifest: Manifest | None = None
         self._reset_position()
@@ -101,10 +116,12 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._epoch_done = False
         self._last_saved_step: int | None = None
         self._skip: tuple[int, int] | None = None  # (epoch, batches to skip)
+        self._emergency_target: int | None = None
 
     # -- begin: restore -------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._reset_position()
+        install_sigterm_handler()
         self._global_step = _optimizer_iterations(self.model)
         if not self.restore_on_begin or self.manager.latest_step() is None:
             return
@@ -158,8 +175,43 @@ class CheckpointCallback(keras.callbacks.Callback):
         before = self._global_step
         self._global_step += done
         self._batch = batch + 1
+        if self._emergency_due():
+            self._emergency_save(logs)
+            return
         if self.save_freq != "epoch" and before // self.save_freq != self._global_step // self.save_freq:
             self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+
+    # -- preemption ---------------------------------------------------------------
+    def _emergency_due(self) -> bool:
+        """SIGTERM here, or on any rank of the run: save at an agreed step, stop."""
+        poll = getattr(self.manager, "emergency_step", None)
+        if poll is None:
+            if preemption_requested():
+                clear_preemption()
+                self._emergency_target = self._global_step
+        else:
+            target = poll(self._global_step)
+            if target is not None:
+                self._emergency_target = target
+        return self._emergency_target is not None and self._global_step >= self._emergency_target
+
+    def _emergency_save(self, logs) -> None:
+        loop = self._loop_state(next_epoch=self._epoch, next_batch=self._batch)
+        if hasattr(self.manager, "emergency_save"):
+            ok = self.manager.emergency_save(
+                self._global_step, self.model, loop=loop, metrics=_scalar_logs(logs)
+            )
+        else:
+            self.manager.save(self._global_step, self.model, metrics=_scalar_logs(logs),
+                              loop=loop, extra={"emergency": True}, blocking=True)
+            ok = True
+        if ok:
+            self._last_saved_step = self._global_step
+        log.warning("ckptmgr: emergency checkpoint at step %d %s; stopping training",
+                    self._global_step, "committed" if ok else "abandoned")
+        self.preempted = True
+        self._emergency_target = None
+        self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch_done = True
@@ -183,13 +235,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         step = self._global_step
         if step == self._last_saved_step:
             return
-        loop = LoopState(
-            epoch=self._epoch,
-            batch=self._batch,
-            next_epoch=next_epoch,
-            next_batch=next_batch,
-            training=capture_training_state(self.model).to_json(),
-        )
+        loop = self._loop_state(next_epoch=next_epoch, next_batch=next_batch)
         result = self.manager.save(
             step,
             self.model,
@@ -199,6 +245,16 @@ class CheckpointCallback(keras.callbacks.Callback):
         )
         if result is not None:  # None: skipped, the previous save still writing
             self._last_saved_step = step
+
+
+    def _loop_state(self, *, next_epoch: int, next_batch: int) -> LoopState:
+        return LoopState(
+            epoch=self._epoch,
+            batch=self._batch,
+            next_epoch=next_epoch,
+            next_batch=next_batch,
+            training=capture_training_state(self.model).to_json(),
+        )
 
 
 def _optimizer_iterations(model) -> int:

@@ -214,10 +214,36 @@ class Storage:
     def _exists(self, path: str) -> bool:
         """True if ``path`` exists; errors other than not-found propagate."""
         try:
-            self.fs.info(path)
+            self._fresh_info(path)
             return True
         except FileNotFoundError:
             return False
+
+    def _fresh_info(self, path: str) -> dict:
+        """``fs.info`` that never answers from fsspec's listings cache."""
+        self.fs.invalidate_cache(path)
+        return self.fs.info(path)
+
+    def _bucket(self) -> str | None:
+        """The bucket of the root on object stores; None on real file systems."""
+        split = getattr(self.fs, "split_path", None)
+        if self.is_local or split is None:
+            return None
+        return split(self.root)[0]
+
+    def _require_bucket(self) -> None:
+        bucket = self._bucket()
+        if bucket is None:
+            return
+        try:
+            self._fresh_info(bucket)
+        except FileNotFoundError:
+            raise StorageError(
+                f"Bucket {bucket!r} does not exist: Received: directory={self.url!r}. "
+                "Create the bucket first or fix the URL."
+            ) from None
+        except PermissionError:
+            pass  # may list objects without reading bucket metadata: can't tell
 
     # -- listing -------------------------------------------------------------
     def _names(self) -> list[str]:
@@ -226,6 +252,7 @@ class Storage:
             try:
                 entries = self.fs.ls(self.root, detail=False)
             except FileNotFoundError:
+                self._require_bucket()
                 return []
         return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
 
@@ -287,13 +314,20 @@ class Storage:
                 os.remove(tmp)
 
     def _write_remote(self, final: str) -> Iterator[HashingWriter]:
-        self.fs.makedirs(self.root, exist_ok=True)
+        if self._bucket() is None:
+            self.fs.makedirs(self.root, exist_ok=True)
+        else:
+            self._require_bucket()  # never create a bucket by accident
         raw = self.fs.open(final, "wb", block_size=CHUNK_BYTES * 4)
         try:
             writer = HashingWriter(raw)
             yield writer
         except BaseException:
             _discard_upload(raw)
+            try:  # backends that write in place (memory://, sftp...) left a partial file
+                self._rm_if_exists(final)
+            except Exception:  # noqa: BLE001
+                pass
             raise
         raw.close()
 
@@ -306,10 +340,16 @@ class Storage:
                     f"Checkpoint step {step} was committed concurrently under "
                     f"{self.url}; refusing to overwrite it."
                 )
-            if self.is_local:
-                _atomic_local_write(path, data, self._path(_TMP_DIR))
-            else:
-                self.fs.pipe_file(path, data)
+            try:
+                if self.is_local:
+                    _atomic_local_write(path, data, self._path(_TMP_DIR), exclusive=True)
+                else:
+                    self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                raise CheckpointExistsError(
+                    f"Checkpoint step {step} was committed concurrently under "
+                    f"{self.url}; refusing to overwrite it."
+                ) from None
 
     def write_pin(self, step: int, pinned: bool) -> None:
         path = self._path(_pin_name(step))
@@ -326,7 +366,7 @@ class Storage:
 
     def archive_size(self, step: int) -> int:
         with self._translate(f"reading {archive_name(step)}", step):
-            return int(self.fs.info(self.archive_path(step))["size"])
+            return int(self._fresh_info(self.archive_path(step))["size"])
 
     @contextmanager
     def open_archive(self, step: int) -> Iterator[BinaryIO]:
@@ -336,6 +376,7 @@ class Storage:
                 with open(self.archive_path(step), "rb") as f:
                     yield f
             else:
+                self.fs.invalidate_cache(self.archive_path(step))
                 with self.fs.open(
                     self.archive_path(step), "rb", block_size=CHUNK_BYTES * 4
                 ) as f:
@@ -405,7 +446,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _atomic_local_write(path: str, data: bytes, tmp_dir: str) -> None:
+def _atomic_local_write(path: str, data: bytes, tmp_dir: str, exclusive: bool = False) -> None:
     os.makedirs(tmp_dir, exist_ok=True)
     tmp = f"{tmp_dir}/{os.path.basename(path)}.{uuid.uuid4().hex}.part"
     try:
@@ -414,7 +455,10 @@ def _atomic_local_write(path: str, data: bytes, tmp_dir: str) -> None:
             f.flush()
             faults.crash_point("manifest_before_rename")
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic create-if-absent: FileExistsError if taken
+        else:
+            os.replace(tmp, path)
         _fsync_dir(os.path.dirname(path))
     finally:
         if os.path.exists(tmp):

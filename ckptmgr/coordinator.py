@@ -1,0 +1,297 @@
+"""The coordinator: one Ray actor per run that commits every worker's checkpoints.
+
+Workers copy their state to host memory and hand it over through the Ray object
+store; the coordinator does the slow part (streaming the ``.keras`` archive,
+checksums, the commit, retention) with only numpy and h5py, no TensorFlow.
+
+A save of step N is two-phase:
+
+1. *Parts*: every rank submits a part: rank 0 its snapshot (a Ray object
+   reference), every rank a digest of its replicated state. A step whose
+   parts do not all arrive within ``save_timeout_s`` fails, naming the missing
+   ranks and how long each was waited for. A digest that differs from rank 0's
+   fails the step, naming the ranks that disagree. Nothing is written then.
+2. *Commit*: once all parts agree, the archive is streamed and the manifest
+   written last (see :mod:`storage`); then retention runs.
+
+The actor is named after the checkpoint directory, so every process of a run
+finds the same one, and a restarted driver or worker finds it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptmgr.errors import DistributedSaveError
+from ckptmgr.manager import CheckpointManager
+from ckptmgr.manifest import LoopState
+
+log = logging.getLogger("ckptmgr")
+
+NAMESPACE = "ckptmgr"
+
+
+def coordinator_name(directory: str) -> str:
+    """The actor name of the run that checkpoints into ``directory``."""
+    return "ckptmgr:" + str(directory).rstrip("/")
+
+
+@dataclass
+class CoordinatorOptions:
+    """Everything needed to (re)create a run's coordinator; picklable."""
+
+    directory: str
+    world_size: int = 1
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    retention: dict[str, Any] = field(default_factory=dict)  # CheckpointManager kwargs
+    on_busy: str = "wait"
+    save_timeout_s: float = 120.0
+    prune_interval_s: float = 60.0
+
+
+@dataclass
+class Part:
+    """One rank's contribution to a step."""
+
+    rank: int
+    digest: str
+    snapshot_ref: list  # [ObjectRef] from rank 0, [] from the others
+    blocked_s: float
+    arrived: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    loop: dict[str, Any] | None = None
+
+
+class Coordinator:
+    """Ray actor body (threaded: waits and submissions run concurrently)."""
+
+    def __init__(self, options: CoordinatorOptions):
+        self.options = options
+        self.manager = CheckpointManager(
+            options.directory,
+            storage_options=options.storage_options,
+            on_busy=options.on_busy,  # type: ignore[arg-type]
+            **options.retention,
+        )
+        self._lock = threading.Condition()
+        self._parts: dict[int, dict[int, Part]] = {}
+        self._results: dict[int, Future] = {}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptmgr-coordinator")
+        self._writing: int | None = None
+        self._prune_lock = threading.Lock()
+        self._emergency: int | None = None
+        self._metrics = _RayMetrics(options.directory)
+        self._stop = threading.Event()
+        for target in (self._timeout_loop, self._prune_loop):
+            threading.Thread(target=target, daemon=True).start()
+
+    # -- phase 1: parts ---------------------------------------------------------
+    def submit_part(self, step: int, rank: int, digest: str, snapshot_ref: list,
+                    blocked_s: float, metrics: dict | None = None,
+                    extra: dict | None = None, loop: dict | None = None) -> None:
+        """Record one rank's part of ``step``; commit when the last one arrives."""
+        part = Part(rank, digest, snapshot_ref, blocked_s, time.monotonic(),
+                    metrics or {}, extra or {}, loop)
+        with self._lock:
+            result = self._results.setdefault(step, Future())
+            if result.done():
+                return  # the step already failed (timeout) or finished
+            parts = self._parts.setdefault(step, {})
+            parts[rank] = part
+            if len(parts) < self.options.world_size:
+                return
+            del self._parts[step]
+        self._complete(step, parts, result)
+
+    def _complete(self, step: int, parts: dict[int, Part], result: Future) -> None:
+        reference = parts[0].digest
+        disagree = sorted(r for r, p in parts.items() if p.digest != reference)
+        if disagree:
+            result.set_exception(DistributedSaveError(
+                f"step {step} refused: replicated state of ranks {disagree} differs "
+                f"from rank 0 (digest {parts[disagree[0]].digest[:12]} vs {reference[:12]}); "
+                "nothing was written. Replicas diverged: check the strategy and seeds."
+            ))
+            return
+        if self.options.on_busy == "skip" and self._writing is not None:
+            log.warning("ckptmgr: step %d skipped: step %d still writing (on_busy='skip')",
+                        step, self._writing)
+            result.set_result({"skipped": True, "step": step})
+            return
+        future = self._writer.submit(self._write, step, parts)
+        future.add_done_callback(lambda f: _copy_outcome(f, result))
+
+    # -- phase 2: commit --------------------------------------------------------
+    def _write(self, step: int, parts: dict[int, Part]) -> dict:
+        import ray
+
+        self._writing = step
+        try:
+            lead = parts[0]
+            snapshot = ray.get(lead.snapshot_ref[0])
+            blocked_s = max(p.blocked_s for p in parts.values())
+            with self._prune_lock:
+                manifest = self.manager.write_snapshot(
+                    step, snapshot,
+                    metrics=lead.metrics, extra=lead.extra,
+                    loop=LoopState(**lead.loop) if lead.loop else None,
+                    blocked_s=blocked_s,
+                    world={"world_size": self.options.world_size,
+                           "ranks": sorted(parts), "digest": lead.digest},
+                )
+            self._metrics.record(manifest.stats)
+            return {"step": step, "manifest": manifest.model_dump(mode="json")}
+        finally:
+            self._writing = None
+
+    def wait_step(self, step: int, timeout_s: float | None = None) -> dict:
+        """Block until ``step`` is committed (or failed); re-raise its error."""
+        with self._lock:
+            result = self._results.setdefault(step, Future())
+        return result.result(timeout=timeout_s)
+
+    def _timeout_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            now = time.monotonic()
+            expired = []
+            with self._lock:
+                for step, parts in list(self._parts.items()):
+                    first = min(p.arrived for p in parts.values())
+                    if now - first > self.options.save_timeout_s:
+                        expired.append((step, self._parts.pop(step)))
+            for step, parts in expired:
+                missing = sorted(set(range(self.options.world_size)) - set(parts))
+                waited = ", ".join(f"rank {r} for {now - first:.1f} s" for r in missing)
+                self._results[step].set_exception(DistributedSaveError(
+                    f"step {step} timed out: no part from ranks {missing} (waited {waited}; "
+                    f"ranks {sorted(parts)} arrived). Nothing was written for this step."
+                ))
+                log.error("ckptmgr: %s", self._results[step].exception())
+
+    # -- retention on a timer ----------------------------------------------------
+    def _prune_loop(self) -> None:
+        while not self._stop.wait(self.options.prune_interval_s):
+            self.prune_now()
+
+    def prune_now(self) -> list[int]:
+        if self.manager.retention.is_empty():
+            return []
+        with self._prune_lock:
+            try:
+                return list(self.manager.prune().deleted)
+            except Exception as exc:  # noqa: BLE001 - keep the timer alive, say why
+                log.error("ckptmgr: scheduled prune failed: %s", exc)
+                return []
+
+    # -- queries -------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        return self.manager.steps()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore_step(self) -> int | None:
+        """The newest step that verifies (workers then read it themselves)."""
+        for step in reversed(self.manager.steps()):
+            result = self.manager.verify(step)[0]
+            if result.ok:
+                return step
+            log.warning("ckptmgr: %s; falling back to an older checkpoint", result.problem)
+        return None
+
+    def options_(self) -> CoordinatorOptions:
+        return self.options
+
+    # -- preemption ------------------------------------------------------------------
+    def request_emergency(self, step: int, margin: int = 2) -> int:
+        """A worker got SIGTERM at ``step``: every rank saves at the returned step."""
+        with self._lock:
+            if self._emergency is None or self._emergency < step:
+                self._emergency = step + margin
+            return self._emergency
+
+    def emergency_step(self) -> int | None:
+        return self._emergency
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._writer.shutdown(wait=True)
+
+
+def _copy_outcome(source: Future, target: Future) -> None:
+    if source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
+
+
+class _RayMetrics:
+    """Save figures as Ray metrics, so the dashboard and Prometheus see them."""
+
+    def __init__(self, directory: str):
+        self._tags = {"run": str(directory)}
+        try:
+            from ray.util import metrics
+        except ImportError:  # pragma: no cover - ray is a dependency
+            self._gauges = {}
+            return
+        self._gauges = {
+            name: metrics.Gauge(f"ckptmgr_{name}", description=text, tag_keys=("run",))
+            for name, text in {
+                "checkpoint_bytes": "bytes of the last committed checkpoint",
+                "blocked_seconds": "seconds training was blocked by the last save",
+                "write_seconds": "seconds the coordinator spent writing the last save",
+                "write_mb_per_s": "write throughput of the last save (MB/s)",
+            }.items()
+        }
+        self.recorded = 0
+
+    def record(self, stats) -> None:
+        values = {
+            "checkpoint_bytes": stats.bytes, "blocked_seconds": stats.blocked_s,
+            "write_seconds": stats.write_s, "write_mb_per_s": stats.mb_per_s,
+        }
+        for name, gauge in self._gauges.items():
+            gauge.set(values[name], tags=self._tags)
+        self.recorded += 1
+
+
+def snapshot_digest(snapshot) -> str:
+    """sha256 over every array's path, shape, dtype and bytes (worker side)."""
+    digest = hashlib.sha256()
+    for group in snapshot.groups:
+        for key, array in group.arrays:
+            digest.update(f"{group.path}/{key}:{array.shape}:{array.dtype}".encode())
+            digest.update(memoryview(array.reshape(-1).view("uint8")))
+    return digest.hexdigest()
+
+
+def get_or_create(options: CoordinatorOptions):
+    """The run's coordinator actor, created on first use (also after a crash)."""
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=32, max_restarts=0)(Coordinator)
+    return actor_cls.options(
+        name=coordinator_name(options.directory),
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        runtime_env={"env_vars": {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}},
+    ).remote(options)
+
+
+def find(directory: str):
+    """The run's coordinator if one is alive, else ``None``."""
+    import ray
+
+    try:
+        return ray.get_actor(coordinator_name(directory), namespace=NAMESPACE)
+    except ValueError:
+        return None

@@ -1,0 +1,244 @@
+"""Worker side of distributed checkpointing: hand state to the run's coordinator.
+
+:class:`CoordinatorClient` has the manager's save/restore surface, so
+:class:`ckptmgr.keras.CheckpointCallback` uses it unchanged. A save blocks
+training only while the state is copied into reusable host buffers; a
+background thread then digests it, puts it in the Ray object store (rank 0
+only) and waits for the coordinator's commit. One save is in flight per worker;
+``on_busy="wait"`` waits for the previous commit before the next copy.
+
+Preemption: :func:`install_sigterm_handler` turns SIGTERM into a flag that the
+callback checks after every batch; the run then takes an emergency checkpoint
+at a step every rank agrees on (through the coordinator) within the grace
+period, and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from ckptmgr.coordinator import CoordinatorOptions, find, get_or_create, snapshot_digest
+from ckptmgr.errors import DistributedSaveError
+from ckptmgr.manager import CheckpointManager
+from ckptmgr.manifest import LoopState, Manifest
+
+log = logging.getLogger("ckptmgr")
+
+_preempted = threading.Event()
+
+
+def install_sigterm_handler() -> bool:
+    """Make SIGTERM request an emergency checkpoint; False off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "_ckptmgr", False):
+        return True
+
+    def on_sigterm(signum, frame):
+        log.warning("ckptmgr: SIGTERM received; taking an emergency checkpoint")
+        _preempted.set()
+
+    on_sigterm._ckptmgr = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return True
+
+
+def preemption_requested() -> bool:
+    return _preempted.is_set()
+
+
+def clear_preemption() -> None:
+    _preempted.clear()
+
+
+def ray_rank_and_world() -> tuple[int, int] | None:
+    """(rank, world size) inside a Ray Train worker or a TF_CONFIG cluster."""
+    try:
+        import ray.train
+
+        context = ray.train.get_context()
+        return context.get_world_rank(), context.get_world_size()
+    except Exception:  # noqa: BLE001 - not inside Ray Train
+        pass
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    workers = tf_config.get("cluster", {}).get("worker")
+    if workers and "task" in tf_config:
+        return int(tf_config["task"]["index"]), len(workers)
+    return None
+
+
+class CoordinatorClient:
+    """The manager-like face of a run's coordinator, used by one worker."""
+
+    def __init__(self, options: CoordinatorOptions, rank: int, *, grace_period_s: float = 25.0):
+        self.options = options
+        self.rank = rank
+        self.grace_period_s = grace_period_s
+        self._reader = CheckpointManager(options.directory, storage_options=options.storage_options)
+        self._plan = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckptmgr-client")
+        self._in_flight: Future | None = None
+        self._emergency_ref = None
+
+    @property
+    def directory(self) -> str:
+        return self.options.directory
+
+    def _actor(self):
+        return find(self.options.directory) or get_or_create(self.options)
+
+    def _call(self, method: str, *args, timeout: float | None = None):
+        import ray
+
+        try:
+            return ray.get(getattr(self._actor(), method).remote(*args), timeout=timeout)
+        except ray.exceptions.RayActorError:
+            # The coordinator died (ray.kill, node loss): a new one carries on.
+            log.warning("ckptmgr: coordinator died; starting a new one")
+            return ray.get(getattr(get_or_create(self.options), method).remote(*args), timeout=timeout)
+
+    # -- queries and restore ---------------------------------------------------
+    def steps(self) -> list[int]:
+        return self._call("steps")
+
+    def latest_step(self) -> int | None:
+        return self._call("latest_step")
+
+    def restore(self, model, step: int | None = None) -> Manifest:
+        """Every rank restores the step the coordinator found to verify."""
+        chosen = step if step is not None else self._call("restore_step")
+        if chosen is None:
+            return self._reader.restore(model)  # raises the clear "none verify" error
+        return self._reader.restore(model, chosen)
+
+    # -- saving -------------------------------------------------------------------
+    def save(self, step: int, model, *, metrics=None, extra=None, loop: LoopState | None = None,
+             pin: bool = False, blocking: bool = False):
+        """Copy state to host (blocking), then hand it over in the background."""
+        from ckptmgr.state import StatePlan
+
+        if self._in_flight is not None and not self._in_flight.done():
+            if self.options.on_busy == "skip":
+                log.warning("ckptmgr: rank %d: previous save still in flight; skipping step %d",
+                            self.rank, step)
+                return None
+            log.info("ckptmgr: rank %d: waiting for the previous save", self.rank)
+        self._finish_previous()
+        started = time.perf_counter()
+        if self._plan is None or not self._plan.is_current(model):
+            self._plan = StatePlan(model)
+        snapshot = self._plan.capture(reuse_buffers=True)
+        blocked_s = time.perf_counter() - started
+        meta = dict(metrics=metrics or {}, extra=extra or {},
+                    loop=loop.model_dump() if loop is not None else None)
+        self._in_flight = self._executor.submit(self._hand_over, step, snapshot, blocked_s, meta)
+        if blocking:
+            return self.wait_until_finished()
+        return self._in_flight
+
+    def _hand_over(self, step: int, snapshot, blocked_s: float, meta: dict) -> dict:
+        import ray
+
+        digest = snapshot_digest(snapshot)
+        refs = [ray.put(snapshot)] if self.rank == 0 else []
+        actor = self._actor()
+        actor.submit_part.remote(step, self.rank, digest, refs, blocked_s,
+                                 meta["metrics"], meta["extra"], meta["loop"])
+        timeout = self.options.save_timeout_s + 600.0
+        result = self._call("wait_step", step, None, timeout=timeout)
+        if result.get("skipped"):
+            return result
+        stats = result["manifest"]["stats"]
+        if self.rank == 0:
+            log.info("ckptmgr: saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
+                     step, stats["bytes"], blocked_s, stats["write_s"], stats["mb_per_s"])
+        return result
+
+    def _finish_previous(self) -> dict | None:
+        pending, self._in_flight = self._in_flight, None
+        if pending is None:
+            return None
+        return pending.result()
+
+    def wait_until_finished(self, timeout_s: float | None = None) -> dict | None:
+        pending = self._in_flight
+        if pending is None:
+            return None
+        try:
+            return pending.result(timeout=timeout_s)
+        finally:
+            if pending.done():
+                self._in_flight = None
+
+    # -- preemption -------------------------------------------------------------------
+    def emergency_step(self, current_step: int) -> int | None:
+        """The agreed emergency step, if any rank was preempted (cheap to poll)."""
+        import ray
+
+        if preemption_requested():
+            clear_preemption()
+            return self._call("request_emergency", current_step)
+        if self._emergency_ref is None:
+            self._emergency_ref = self._actor().emergency_step.remote()
+        ready, _ = ray.wait([self._emergency_ref], timeout=0)
+        if not ready:
+            return None
+        self._emergency_ref, value = None, ray.get(ready[0])
+        return value
+
+    def emergency_save(self, step: int, model, *, loop: LoopState, metrics=None) -> bool:
+        """Save ``step`` and wait for its commit, at most the grace period."""
+        deadline = time.monotonic() + self.grace_period_s
+        try:
+            self.wait_until_finished(timeout_s=max(0.0, deadline - time.monotonic()))
+            self.save(step, model, metrics=metrics, loop=loop, extra={"emergency": True})
+            self.wait_until_finished(timeout_s=max(0.0, deadline - time.monotonic()))
+            return True
+        except (TimeoutError, DistributedSaveError) as exc:
+            log.error("ckptmgr: emergency checkpoint of step %d abandoned: %s", step, exc)
+            return False
+
+    def close(self) -> None:
+        try:
+            self.wait_until_finished()
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+def client_for(directory: str, *, rank: int | None, world_size: int | None,
+               storage_options: dict | None, retention: dict[str, Any], on_busy: str,
+               save_timeout_s: float = 120.0, prune_interval_s: float = 60.0,
+               grace_period_s: float = 25.0) -> CoordinatorClient | None:
+    """A client when this process is a Ray worker of a run with a coordinator."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover
+        return None
+    if not ray.is_initialized():
+        return None
+    actor = find(str(directory))
+    if actor is None:
+        return None
+    if rank is None or world_size is None:
+        detected = ray_rank_and_world()
+        if detected is None:
+            return None
+        rank, world_size = detected
+    import ray as _ray
+
+    options = _ray.get(actor.options_.remote())
+    if options.world_size != world_size:
+        raise DistributedSaveError(
+            f"World size mismatch: this worker says {world_size}, the coordinator of "
+            f"{directory} expects {options.world_size}. Start the coordinator with "
+            "the job's number of workers."
+        )
+    return CoordinatorClient(options, rank, grace_period_s=grace_period_s)
