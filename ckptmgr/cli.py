@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import typer
 
-from ckptmgr.errors import CheckpointNotFoundError, CkptmgrError
+from ckptmgr.errors import CheckpointNotFoundError, CkptmgrError, ConfigError
 from ckptmgr.manager import CheckpointManager, Progress
 from ckptmgr.manifest import Manifest
 from ckptmgr.storage import parse_storage_options
@@ -399,6 +399,13 @@ def export(
     if fmt is ExportFormat.savedmodel:
         kwargs: dict[str, Any] = {"storage_options": dest_options}
         if unsafe:
+            import inspect as _inspect
+
+            if "safe_mode" not in _inspect.signature(manager.export_saved_model).parameters:
+                raise ConfigError(
+                    "--unsafe is not supported by CheckpointManager.export_saved_model "
+                    "in this version; export --format keras and load it with safe_mode=False."
+                )
             kwargs["safe_mode"] = False
         done = manager.export_saved_model(output, step, **kwargs)
     else:
@@ -444,6 +451,9 @@ def prune(
             "--keep-every-n-steps, --keep-best, --keep-within.",
             err=True,
         )
+        raise typer.Exit(2)
+    if keep_best is None and mode is not Mode.min:
+        typer.echo("error: --mode applies to --keep-best; pass --keep-best METRIC too.", err=True)
         raise typer.Exit(2)
     policy = RetentionPolicy.from_options(
         keep_last=keep_last,
@@ -494,36 +504,55 @@ ConfigArg = typer.Argument(..., help="YAML job config, e.g. configs/local.yaml."
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config field (repeatable), e.g. training.epochs=5.")
 
 
+AddressOpt = typer.Option(None, "--address", help="Ray cluster address (sets ray.address); default: start a local one.")
+LocalOpt = typer.Option(False, "--no-ray", help="Train in this process instead of on Ray workers.")
+
+
 @app.command()
-def run(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
-    """Train the example job; continues from the newest checkpoint if there is one."""
-    _run_job(config, set_, resume=False)
+def run(
+    config: str = ConfigArg,
+    set_: Optional[list[str]] = SetOpt,
+    address: Optional[str] = AddressOpt,
+    no_ray: bool = LocalOpt,
+) -> None:
+    """Train the example job on Ray; continues from the newest checkpoint if there is one."""
+    _run_job(config, set_, resume=False, address=address, on_ray=not no_ray)
 
 
 @app.command()
 def resume(
     config: str = ConfigArg,
     set_: Optional[list[str]] = SetOpt,
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (sets ray.address)."),
+    address: Optional[str] = AddressOpt,
+    no_ray: bool = LocalOpt,
 ) -> None:
-    """Continue the example job from its newest checkpoint (error if there is none)."""
-    _run_job(config, set_, resume=True, address=address)
+    """Continue the example job from its newest good checkpoint (error if there is none)."""
+    _run_job(config, set_, resume=True, address=address, on_ray=not no_ray)
 
 
-def _run_job(config: str, overrides: list[str] | None, *, resume: bool, address: str | None = None) -> None:
+def _run_job(config: str, overrides: list[str] | None, *, resume: bool, address: str | None, on_ray: bool) -> None:
     from ckptmgr.config import apply_overrides, load_config, set_values
 
     cfg = apply_overrides(load_config(config), overrides)
     if address is not None:
         cfg = set_values(cfg, {"ray.address": address}, {"ray.address": "--address"})
-    from ckptmgr import job
+    if on_ray:
+        from ckptmgr.ray_job import run_on_ray
 
-    result = job.run_local(cfg, resume=resume)
+        result, _ = run_on_ray(cfg, resume=resume)
+        where = f"on Ray with {cfg.ray.num_workers} workers"
+    else:
+        from ckptmgr import job
+
+        result = job.run_local(cfg, resume=resume)
+        where = "in this process"
     start = f"resumed from step {result.restored_step}" if result.restored_step is not None else "started fresh"
     loss = f"final loss {result.final_loss:.4g}" if result.final_loss is not None else "already complete"
+    preempted = "; stopped by preemption after an emergency checkpoint" if getattr(result, "preempted", False) else ""
     _out(
-        f"{cfg.name}: {start}; trained to step {result.final_step} "
-        f"({result.epochs} epochs), {loss}; checkpoints in {result.directory}"
+        f"{cfg.name}: {start}; trained {where} to step {result.final_step} "
+        f"({cfg.training.epochs} epoch{'s' if cfg.training.epochs != 1 else ''}), {loss}"
+        f"{preempted}; checkpoints in {result.directory}"
     )
 
 

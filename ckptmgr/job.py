@@ -11,15 +11,12 @@ Keras are imported here, not by the CLI, so the other commands start fast.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from ckptmgr.config import JobConfig, TrainingConfig
 from ckptmgr.errors import CheckpointNotFoundError
-
-log = logging.getLogger("ckptmgr")
 
 
 @dataclass(frozen=True)
@@ -82,17 +79,18 @@ def run_local(cfg: JobConfig, *, resume: bool) -> JobResult:
     additionally requires one: with none, it raises
     :class:`~ckptmgr.errors.CheckpointNotFoundError` before building anything.
     """
-    from ckptmgr.keras import CheckpointCallback
     from ckptmgr.manager import CheckpointManager
 
     ckpt = cfg.checkpoint
-    if resume:
+    if resume:  # checked before importing TensorFlow: fails fast
         probe = CheckpointManager(ckpt.directory, storage_options=ckpt.storage_options)
         if probe.latest_step() is None:
             raise CheckpointNotFoundError(
                 f"Nothing to resume under {ckpt.directory}: it holds no checkpoints; "
                 "use `ckptmgr run` to start."
             )
+
+    from ckptmgr.keras import CheckpointCallback
 
     seed_everything(cfg.training.seed)
     model = build_model(cfg.training)

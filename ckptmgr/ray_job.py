@@ -1,0 +1,196 @@
+"""The example job on a Ray cluster: N worker actors, one coordinator.
+
+Each worker is a plain Ray actor training the example model with
+``tf.distribute.MultiWorkerMirroredStrategy`` (data parallel; ckptmgr's
+:mod:`keras_compat` fix makes Keras 3 ``fit()`` work there) and a
+:class:`~ckptmgr.keras.CheckpointCallback`, which finds the run's coordinator
+and switches to distributed mode by itself. If any worker dies (node removed,
+preempted), the driver stops the others and reports it: ``ckptmgr resume``
+then starts the job again from the newest checkpoint that verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from ckptmgr.config import JobConfig
+from ckptmgr.coordinator import CoordinatorOptions, get_or_create
+from ckptmgr.errors import CheckpointNotFoundError, CkptmgrError
+
+log = logging.getLogger("ckptmgr")
+
+WORKER_ENV = {
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class JobStoppedError(CkptmgrError, RuntimeError):
+    """A worker died mid-run (node lost, preempted); resume to continue."""
+
+
+@dataclass(frozen=True)
+class RayJobResult:
+    final_step: int | None
+    restored_step: int | None
+    preempted: bool
+    final_loss: float | None
+    weights_sha256: str
+    directory: str
+
+
+class TrainWorker:
+    """One rank of the job (Ray actor body)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def address(self) -> str:
+        """host:port for this rank's TensorFlow collective server."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"{ray.util.get_node_ip_address()}:{port}"
+
+    def train(self, cfg_json: str, cluster: list[str]) -> dict[str, Any]:
+        if self.world_size > 1:
+            os.environ["TF_CONFIG"] = json.dumps(
+                {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": self.rank}}
+            )
+        from ckptmgr.config import JobConfig
+        from ckptmgr.job import build_model, make_dataset, seed_everything
+        from ckptmgr.keras import CheckpointCallback
+        from ckptmgr.keras_compat import apply_multiworker_fit_patch
+
+        import tensorflow as tf
+
+        cfg = JobConfig.model_validate_json(cfg_json)
+        seed_everything(cfg.training.seed)
+        if self.world_size > 1:
+            apply_multiworker_fit_patch()
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        else:
+            strategy = tf.distribute.get_strategy()
+        with strategy.scope():
+            model = build_model(cfg.training)
+        x, y = make_dataset(cfg.training)
+        ckpt = cfg.checkpoint
+        callback = CheckpointCallback(
+            ckpt.directory, storage_options=ckpt.storage_options, save_freq=ckpt.save_freq,
+            on_busy=ckpt.on_busy, rank=self.rank, world_size=self.world_size,
+            grace_period_s=cfg.ray.grace_period_s, **ckpt.retention_options(),
+        )
+        history = model.fit(
+            x, y, batch_size=cfg.training.batch_size, epochs=cfg.training.epochs,
+            shuffle=cfg.training.shuffle, callbacks=[callback], verbose=0,
+        )
+        losses = history.history.get("loss") or []
+        return {
+            "rank": self.rank,
+            "restored_step": callback.restored_step,
+            "preempted": callback.preempted,
+            "final_loss": float(losses[-1]) if losses else None,
+            "weights_sha256": weights_digest(model),
+            "weights": [w for w in model.get_weights()] if self.rank == 0 else None,
+        }
+
+
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def coordinator_options(cfg: JobConfig) -> CoordinatorOptions:
+    ckpt = cfg.checkpoint
+    return CoordinatorOptions(
+        directory=ckpt.directory,
+        world_size=cfg.ray.num_workers,
+        storage_options=dict(ckpt.storage_options),
+        retention=ckpt.retention_options(),
+        on_busy=ckpt.on_busy,
+        save_timeout_s=cfg.ray.save_timeout_s,
+        prune_interval_s=ckpt.prune_interval_s,
+    )
+
+
+def run_on_ray(
+    cfg: JobConfig,
+    *,
+    resume: bool,
+    worker_resources: list[dict[str, float]] | None = None,
+) -> tuple[RayJobResult, list[Any] | None]:
+    """Run the example job on Ray; returns the result and rank 0's final weights.
+
+    ``worker_resources`` (one dict per rank) places ranks on chosen nodes.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": WORKER_ENV},
+                 log_to_driver=False, configure_logging=False)
+    coordinator = get_or_create(coordinator_options(cfg))
+    latest = ray.get(coordinator.latest_step.remote())
+    if resume and latest is None:
+        raise CheckpointNotFoundError(
+            f"Nothing to resume under {cfg.checkpoint.directory}: it holds no checkpoints; "
+            "use `ckptmgr run` to start."
+        )
+    worker_cls = ray.remote(max_restarts=0)(TrainWorker)
+    workers = []
+    for rank in range(cfg.ray.num_workers):
+        options: dict[str, Any] = {
+            "num_cpus": cfg.ray.cpus_per_worker,
+            "num_gpus": 1 if cfg.ray.use_gpu else 0,
+            "runtime_env": {"env_vars": WORKER_ENV},
+        }
+        if worker_resources:
+            options["resources"] = worker_resources[rank]
+        workers.append(worker_cls.options(**options).remote(rank, cfg.ray.num_workers))
+    try:
+        cluster = ray.get([w.address.remote() for w in workers])
+        refs = [w.train.remote(cfg.model_dump_json(), cluster) for w in workers]
+        results = _wait_all(refs, workers)
+    finally:
+        for w in workers:
+            ray.kill(w)
+    lead = results[0]
+    final_step = ray.get(coordinator.latest_step.remote())
+    return (
+        RayJobResult(
+            final_step=final_step, restored_step=lead["restored_step"],
+            preempted=any(r["preempted"] for r in results), final_loss=lead["final_loss"],
+            weights_sha256=lead["weights_sha256"], directory=cfg.checkpoint.directory,
+        ),
+        lead["weights"],
+    )
+
+
+def _wait_all(refs: list, workers: list) -> list[dict[str, Any]]:
+    """Results of every rank, or stop all and raise when one fails."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayError as exc:
+            rank = refs.index(done[0])
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise JobStoppedError(
+                f"The job stopped: worker rank {rank} failed ({type(exc).__name__}: "
+                f"{reason[:200]}). Run `ckptmgr resume CONFIG` to continue from the "
+                "newest checkpoint."
+            ) from None
+    return ray.get(refs)
