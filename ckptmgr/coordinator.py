@@ -209,6 +209,15 @@ class Coordinator:
     def options_(self) -> CoordinatorOptions:
         return self.options
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def metrics_recorded(self) -> int:
+        """How many saves were exported as Ray metrics."""
+        return self._metrics.recorded
+
     # -- preemption ------------------------------------------------------------------
     def request_emergency(self, step: int, margin: int = 2) -> int:
         """A worker got SIGTERM at ``step``: every rank saves at the returned step."""
@@ -237,6 +246,7 @@ class _RayMetrics:
 
     def __init__(self, directory: str):
         self._tags = {"run": str(directory)}
+        self.recorded = 0
         try:
             from ray.util import metrics
         except ImportError:  # pragma: no cover - ray is a dependency
@@ -251,7 +261,6 @@ class _RayMetrics:
                 "write_mb_per_s": "write throughput of the last save (MB/s)",
             }.items()
         }
-        self.recorded = 0
 
     def record(self, stats) -> None:
         values = {

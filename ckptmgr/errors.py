@@ -54,3 +54,7 @@ class DistributedSaveError(CkptmgrError, RuntimeError):
 
 class UnknownCustomObjectError(CkptmgrError, TypeError):
     """The checkpoint names a custom class or function that is not registered."""
+
+
+class UnsafeCheckpointError(CkptmgrError, ValueError):
+    """Loading needs code execution (a Python lambda) that safe_mode refuses."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -32,6 +33,7 @@ from ckptmgr.errors import (
     CorruptCheckpointError,
     SaveInProgressError,
     UnknownCustomObjectError,
+    UnsafeCheckpointError,
 )
 from ckptmgr.manifest import FileEntry, LoopState, Manifest, SaveStats, now_utc
 from ckptmgr.retention import CheckpointInfo, RetentionDecision, RetentionPolicy
@@ -127,7 +129,13 @@ class CheckpointManager:
     def manifest(self, step: int | None = None) -> Manifest:
         step = self._resolve_step(step)
         data = self.storage.read_manifest_bytes(step)
-        return Manifest.from_bytes(data, where=f"step {step}: {archive_name(step)[:-6]}.json")
+        where = f"step {step}: {archive_name(step)[:-6]}.json"
+        manifest = Manifest.from_bytes(data, where=where)
+        if manifest.step != step or manifest.archive != archive_name(step):
+            raise CorruptCheckpointError(
+                f"{where}: manifest describes step {manifest.step} ({manifest.archive})."
+            )
+        return manifest
 
     def manifests(self) -> list[Manifest]:
         """Manifests of every committed step that parses (bad ones are logged)."""
@@ -175,7 +183,8 @@ class CheckpointManager:
         writing and ``on_busy="skip"``.
         """
         step = _check_step(step)
-        if not self._wait_for_previous():
+        metrics, extra = _check_metadata(metrics, extra)
+        if not self._wait_for_previous(may_skip=not blocking):
             return None
         started = time.perf_counter()
         snapshot = self._capture(model)
@@ -196,13 +205,13 @@ class CheckpointManager:
             self._plan = StatePlan(model)
         return self._plan.capture(reuse_buffers=True)
 
-    def _wait_for_previous(self) -> bool:
+    def _wait_for_previous(self, may_skip: bool = True) -> bool:
         """Only one save in flight: wait for it (or skip), per ``on_busy``."""
         pending = self._in_flight
         if pending is None or pending.done():
             self._raise_if_failed(pending)
             return True
-        if self.on_busy == "skip":
+        if self.on_busy == "skip" and may_skip:
             log.warning("ckptmgr: previous save still writing; skipping this save (on_busy='skip')")
             return False
         log.info("ckptmgr: previous save still writing; waiting (on_busy='wait')")
@@ -464,9 +473,9 @@ class CheckpointManager:
         with self.verified_archive(step, progress=progress) as (_, archive):
             return copy_to_destination(archive, str(path), storage_options)
 
-    def export_saved_model(self, path: str, step: int | None = None, *, custom_objects=None, storage_options: dict[str, Any] | None = None) -> str:
+    def export_saved_model(self, path: str, step: int | None = None, *, custom_objects=None, storage_options: dict[str, Any] | None = None, safe_mode: bool = True, progress: Progress | None = None) -> str:
         """Export a TensorFlow SavedModel for serving (Keras ``model.export``)."""
-        model = self.load(step, custom_objects, compile=False)
+        model = self.load(step, custom_objects, compile=False, safe_mode=safe_mode)
         with _local_staging() as tmp:
             out = os.path.join(tmp, "saved_model")
             model.export(out, format="tf_saved_model", verbose=False)
@@ -495,6 +504,23 @@ def _check_step(step: Any) -> int:
     return step
 
 
+def _check_metadata(metrics, extra) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fail before writing anything if metrics or extra cannot go in a manifest."""
+    import json
+
+    try:
+        metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Invalid metrics: Received: metrics={metrics!r} ({exc}). "
+                          "Use a dict of names to numbers.") from None
+    try:
+        json.dumps(extra or {})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Invalid extra: Received: extra={extra!r} ({exc}). "
+                          "Use JSON-serializable values (convert arrays with .tolist()).") from None
+    return metrics, dict(extra or {})
+
+
 def _keras_version(snapshot: ModelSnapshot) -> str:
     import json
 
@@ -519,14 +545,15 @@ def _short_list(steps: list[int]) -> str:
 def _loading_error(exc: Exception, step: int) -> CkptmgrError:
     text = str(exc)
     if "Could not locate" in text or "custom_objects" in text and "not found" in text:
-        name = text.split("'")[1] if "'" in text else "?"
+        found = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
+        name = found.group(1) if found else "?"
         return UnknownCustomObjectError(
             f"step {step}: unknown custom object {name!r}. Pass custom_objects="
             f"{{{name!r}: ...}}, or decorate it with "
             "@keras.saving.register_keras_serializable() and import it first."
         )
     if "lambda" in text and "safe_mode" in text:
-        return CorruptCheckpointError(
+        return UnsafeCheckpointError(
             f"step {step}: the model contains a Python lambda, refused by safe_mode. "
             "Load with safe_mode=False (CLI: --unsafe) only if you trust its source."
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ckptmgr.errors import CorruptCheckpointError
 
@@ -63,6 +63,12 @@ class Manifest(BaseModel):
     loop: LoopState | None = None
     stats: SaveStats = Field(default_factory=SaveStats)
     world: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _archive_is_listed(self) -> "Manifest":
+        if self.archive not in self.files:
+            raise ValueError(f"archive {self.archive!r} has no entry in files")
+        return self
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(indent=2).encode()

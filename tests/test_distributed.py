@@ -1,0 +1,231 @@
+"""Distributed checkpointing on a real multi-node Ray cluster on one machine.
+
+A head and two worker nodes (``ray.cluster_utils.Cluster``); each training
+rank is pinned to its own node through a custom resource. Marked slow, run in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from ckptmgr import CheckpointManager  # noqa: E402
+from ckptmgr.archive import ModelSnapshot, VarGroup  # noqa: E402
+from ckptmgr.config import apply_overrides, load_config  # noqa: E402
+from ckptmgr.coordinator import CoordinatorOptions, get_or_create, snapshot_digest  # noqa: E402
+from ckptmgr.errors import DistributedSaveError  # noqa: E402
+from ckptmgr.ray_job import WORKER_ENV, JobStoppedError, run_on_ray  # noqa: E402
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+PLACEMENT = [{"rank0": 1}, {"rank1": 1}]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = {name: c.add_node(num_cpus=1, resources={name: 1}) for name in ("rank0", "rank1")}
+    c.wait_for_nodes()
+    ray.init(address=c.address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def _cfg(directory: str, *extra: str, storage_options: dict | None = None):
+    overrides = [
+        f"checkpoint.directory={directory}", "checkpoint.save_freq=8", "checkpoint.keep_last=3",
+        "training.samples=512", "training.batch_size=32", "training.epochs=2",
+        "training.hidden=[32]", "training.features=8", "ray.num_workers=2", *extra,
+    ]
+    cfg = apply_overrides(load_config(REPO / "configs" / "local.yaml"), overrides)
+    if storage_options:
+        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
+            update={"storage_options": storage_options})})
+    return cfg
+
+
+def _kill_coordinator(directory: str) -> None:
+    from ckptmgr.coordinator import find
+
+    actor = find(directory)
+    if actor is not None:
+        ray.kill(actor)
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_two_workers_commit_through_the_coordinator(cluster, tmp_path, where, request):
+    if where == "gcs":
+        gcs = request.getfixturevalue("gcs_server")
+        directory, options = gcs.new_url(), gcs.storage_options
+    else:
+        directory, options = str(tmp_path / "run"), {}
+    cfg = _cfg(directory, storage_options=options)
+    result, weights = run_on_ray(cfg, resume=False, worker_resources=PLACEMENT)
+    manager = CheckpointManager(directory, storage_options=options)
+    assert manager.steps() == [16, 24, 32]  # 16 batches/epoch, every 8, keep_last=3
+    manifest = manager.manifest()
+    assert manifest.world["ranks"] == [0, 1] and manifest.world["world_size"] == 2
+    assert manifest.stats.bytes > 0 and manifest.stats.write_s > 0
+    assert all(r.ok for r in manager.verify())
+    from ckptmgr.coordinator import find
+
+    assert ray.get(find(directory).metrics_recorded.remote()) >= 4
+    loaded = manager.load()  # stock load_model on the verified archive
+    for got, want in zip(loaded.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    _kill_coordinator(directory)
+
+
+def test_node_removed_then_resume_matches_uninterrupted(cluster, tmp_path):
+    c, nodes = cluster
+    long = ("training.epochs=6",)
+    reference, ref_weights = run_on_ray(_cfg(str(tmp_path / "ref"), *long), resume=False,
+                                        worker_resources=PLACEMENT)
+    _kill_coordinator(str(tmp_path / "ref"))
+
+    directory = str(tmp_path / "run")
+    cfg = _cfg(directory, *long)
+    outcome: dict = {}
+
+    def job():
+        try:
+            outcome["result"] = run_on_ray(cfg, resume=False, worker_resources=PLACEMENT)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    manager = CheckpointManager(directory)
+    deadline = time.monotonic() + 120
+    while (manager.latest_step() or 0) < 24 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c.remove_node(nodes["rank1"])
+    thread.join(120)
+    assert isinstance(outcome.get("error"), JobStoppedError), outcome
+    assert "rank 1" in str(outcome["error"]) and "ckptmgr resume" in str(outcome["error"])
+    stopped_at = manager.latest_step()
+    assert 24 <= stopped_at < 96
+
+    nodes["rank1"] = c.add_node(num_cpus=1, resources={"rank1": 1})
+    c.wait_for_nodes()
+    result, weights = run_on_ray(cfg, resume=True, worker_resources=PLACEMENT)
+    assert result.restored_step == stopped_at or result.restored_step >= 24
+    assert result.final_step == reference.final_step == 96
+    assert result.weights_sha256 == reference.weights_sha256
+    for got, want in zip(weights, ref_weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    _kill_coordinator(directory)
+
+
+def test_sigterm_on_a_worker_commits_an_emergency_checkpoint(cluster, tmp_path):
+    from ray.util.state import list_actors
+
+    directory = str(tmp_path / "run")
+    cfg = _cfg(directory, "training.epochs=40", "checkpoint.save_freq=40")
+    outcome: dict = {}
+
+    def job():
+        try:
+            outcome["result"] = run_on_ray(cfg, resume=False, worker_resources=PLACEMENT)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    manager = CheckpointManager(directory)
+    deadline = time.monotonic() + 120
+    while (manager.latest_step() or 0) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)  # training is under way once a checkpoint exists
+    actors = list_actors(filters=[("class_name", "=", "TrainWorker"), ("state", "=", "ALIVE")])
+    pid = sorted(actors, key=lambda a: a.pid)[-1].pid
+    os.kill(pid, signal.SIGTERM)
+    thread.join(120)
+    assert "result" in outcome, outcome
+    result, _ = outcome["result"]
+    assert result.preempted
+    manifest = manager.manifest()
+    assert manifest.extra.get("emergency") is True
+    assert manifest.world["ranks"] == [0, 1]
+    assert manifest.step < 40 * 16  # stopped early, at the agreed step
+    assert manager.verify(manifest.step)[0].ok
+    _kill_coordinator(directory)
+
+
+# -- coordinator protocol, driven directly ---------------------------------------------
+
+
+def _snapshot(mb: float, fill: float = 1.0) -> ModelSnapshot:
+    n = int(mb * 1e6 / 4)
+    arrays = [("0", np.full((n,), fill, dtype="float32"))]
+    return ModelSnapshot("{}", '{"keras_version": "test"}', [VarGroup("layers/dense/vars", {}, arrays)])
+
+
+def test_digest_mismatch_refuses_the_step(cluster, tmp_path):
+    directory = str(tmp_path / "run")
+    coord = get_or_create(CoordinatorOptions(directory, world_size=2))
+    snap = _snapshot(0.1)
+    ref = [ray.put(snap)]
+    coord.submit_part.remote(5, 0, snapshot_digest(snap), ref, 0.01)
+    coord.submit_part.remote(5, 1, snapshot_digest(_snapshot(0.1, fill=2.0)), [], 0.01)
+    with pytest.raises(DistributedSaveError, match=r"step 5 refused: .*ranks \[1\] differs"):
+        ray.get(coord.wait_step.remote(5, 30))
+    assert CheckpointManager(directory).steps() == []
+    ray.kill(coord)
+
+
+def test_missing_part_times_out_naming_the_rank(cluster, tmp_path):
+    directory = str(tmp_path / "run")
+    coord = get_or_create(CoordinatorOptions(directory, world_size=3, save_timeout_s=1.0))
+    snap = _snapshot(0.1)
+    coord.submit_part.remote(7, 0, snapshot_digest(snap), [ray.put(snap)], 0.01)
+    coord.submit_part.remote(7, 2, snapshot_digest(snap), [], 0.01)
+    with pytest.raises(DistributedSaveError, match=r"step 7 timed out: no part from ranks \[1\] \(waited rank 1 for \d+\.\d s"):
+        ray.get(coord.wait_step.remote(7, 30))
+    assert CheckpointManager(directory).steps() == []
+    ray.kill(coord)
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+def test_coordinator_killed_mid_write_leaves_nothing_listed(cluster, tmp_path, how):
+    directory = str(tmp_path / "run")
+    options = CoordinatorOptions(directory, world_size=1)
+    coord = get_or_create(options)
+    small = _snapshot(0.1)
+    coord.submit_part.remote(1, 0, snapshot_digest(small), [ray.put(small)], 0.0)
+    ray.get(coord.wait_step.remote(1, 30))
+    big = _snapshot(800)
+    coord.submit_part.remote(2, 0, snapshot_digest(big), [ray.put(big)], 0.0)
+    tmp_dir = Path(directory) / ".tmp"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        parts = list(tmp_dir.glob("*.part")) if tmp_dir.exists() else []
+        if parts and parts[0].stat().st_size > 0:
+            break
+        time.sleep(0.005)
+    assert parts, "the write of step 2 never started"
+    if how == "ray.kill":
+        ray.kill(coord)
+    else:
+        os.kill(ray.get(coord.pid.remote()), signal.SIGKILL)
+    time.sleep(1)
+    manager = CheckpointManager(directory)
+    assert manager.steps() == [1]  # the half-written step 2 is not listed
+    assert not Path(manager.storage.archive_path(2)).exists()
+    # A new coordinator carries on: step 2 again commits.
+    fresh = get_or_create(options)
+    coord_pid = ray.get(fresh.pid.remote())
+    assert coord_pid > 0
+    fresh.submit_part.remote(2, 0, snapshot_digest(small), [ray.put(small)], 0.0)
+    ray.get(fresh.wait_step.remote(2, 60))
+    assert manager.steps() == [1, 2] and manager.verify(2)[0].ok
+    ray.kill(fresh)
