@@ -286,12 +286,19 @@ def get_or_create(options: CoordinatorOptions):
     """The run's coordinator actor, created on first use (also after a crash)."""
     import ray
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     actor_cls = ray.remote(num_cpus=0, max_concurrency=32, max_restarts=0)(Coordinator)
+    # Prefer the creator's node (the driver, on the head: not a spot worker
+    # whose loss would take the emergency checkpoint with it); soft, so a lost
+    # head node does not block a new coordinator elsewhere.
+    here = ray.get_runtime_context().get_node_id()
     return actor_cls.options(
         name=coordinator_name(options.directory),
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
         runtime_env={"env_vars": {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}},
     ).remote(options)
 
