@@ -104,6 +104,50 @@ class TrainWorker:
         }
 
 
+def ray_train_loop(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` for ``ray.train.tensorflow.TensorflowTrainer``.
+
+    Ray Train sets ``TF_CONFIG``; the callback reads rank and world size from
+    the Ray Train context and, since the driver created the run's coordinator
+    (:func:`coordinator_options` + ``coordinator.get_or_create``), switches to
+    distributed mode by itself. ``config["cfg"]`` is a ``JobConfig`` as JSON.
+    Note: Ray Train runs this function off the main thread, so no SIGTERM
+    handler can be installed here; use plain worker actors (``run_on_ray``)
+    where preemption notices must trigger an emergency checkpoint.
+    """
+    import ray.train
+    import tensorflow as tf
+
+    from ckptmgr.config import JobConfig
+    from ckptmgr.distributed import CoordinatorClient
+    from ckptmgr.job import build_model, make_dataset, seed_everything
+    from ckptmgr.keras import CheckpointCallback
+    from ckptmgr.keras_compat import apply_multiworker_fit_patch
+
+    apply_multiworker_fit_patch()
+    cfg = JobConfig.model_validate_json(config["cfg"])
+    seed_everything(cfg.training.seed)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = build_model(cfg.training)
+    x, y = make_dataset(cfg.training)
+    ckpt = cfg.checkpoint
+    callback = CheckpointCallback(
+        ckpt.directory, storage_options=ckpt.storage_options, save_freq=ckpt.save_freq,
+        on_busy=ckpt.on_busy, **ckpt.retention_options(),
+    )
+    history = model.fit(x, y, batch_size=cfg.training.batch_size, epochs=cfg.training.epochs,
+                        shuffle=cfg.training.shuffle, callbacks=[callback], verbose=0)
+    losses = history.history.get("loss") or []
+    ray.train.report({
+        "distributed": isinstance(callback.manager, CoordinatorClient),
+        "rank": ray.train.get_context().get_world_rank(),
+        "restored_step": callback.restored_step,
+        "loss": float(losses[-1]) if losses else float("nan"),
+        "weights_sha256": weights_digest(model),
+    })
+
+
 def weights_digest(model) -> str:
     digest = hashlib.sha256()
     for array in model.get_weights():

@@ -229,3 +229,29 @@ def test_coordinator_killed_mid_write_leaves_nothing_listed(cluster, tmp_path, h
     ray.get(fresh.wait_step.remote(2, 60))
     assert manager.steps() == [1, 2] and manager.verify(2)[0].ok
     ray.kill(fresh)
+
+
+def test_ray_train_tensorflow_trainer_with_two_workers(cluster, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from ckptmgr.ray_job import coordinator_options, ray_train_loop
+
+    directory = str(tmp_path / "run")
+    cfg = _cfg(directory)
+    coord = get_or_create(coordinator_options(cfg))  # the driver creates the run's coordinator
+    trainer = TensorflowTrainer(
+        ray_train_loop,
+        train_loop_config={"cfg": cfg.model_dump_json()},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=RunConfig(name="ckptmgr-test", storage_path=str(tmp_path / "ray_train")),
+    )
+    result = trainer.fit()
+    assert result.error is None
+    manager = CheckpointManager(directory)
+    assert manager.steps() == [16, 24, 32]
+    manifest = manager.manifest()
+    # Both Ray Train ranks went through the coordinator and their digests agreed.
+    assert manifest.world["ranks"] == [0, 1] and manifest.world["world_size"] == 2
+    assert all(r.ok for r in manager.verify())
+    ray.kill(coord)
