@@ -59,6 +59,32 @@ class VarGroup:
 
 
 @dataclass
+class RowShards:
+    """One dataset gathered from row ranges held by different ranks (axis 0).
+
+    Written without concatenating: the parts are streamed one after another,
+    which is exactly the row-major layout of the full array.
+    """
+
+    parts: list[np.ndarray]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(p.shape[0] for p in self.parts),) + tuple(self.parts[0].shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def byte_views(self) -> list[memoryview]:
+        return [memoryview(_native(p).reshape(-1).view(np.uint8)) for p in self.parts]
+
+
+@dataclass
 class ModelSnapshot:
     """Everything needed to write a ``.keras`` archive, as plain host data."""
 
@@ -128,7 +154,9 @@ def _create_skeleton(path: str, snapshot: ModelSnapshot) -> list[tuple[str, np.n
             for k, v in group.attrs.items():
                 g.attrs[k] = v
             for key, array in group.arrays:
-                array = _native(array)
+                if isinstance(array, RowShards) and array.nbytes < _INLINE_BYTES:
+                    array = np.concatenate([_native(p) for p in array.parts])
+                array = array if isinstance(array, RowShards) else _native(array)
                 if array.nbytes < _INLINE_BYTES:
                     g.create_dataset(key, data=array)
                 else:
@@ -151,9 +179,12 @@ def _stream_h5(entry: BinaryIO, skeleton: BinaryIO, regions: list, total: int) -
         if index == len(regions) // 2:
             faults.crash_point("archive_mid_stream")
         _copy_range(skeleton, entry, position, offset - position)
-        view = memoryview(array.reshape(-1).view(np.uint8))
-        for start in range(0, len(view), _CHUNK):
-            entry.write(view[start : start + _CHUNK])
+        views = array.byte_views() if isinstance(array, RowShards) else [
+            memoryview(array.reshape(-1).view(np.uint8))
+        ]
+        for view in views:
+            for start in range(0, len(view), _CHUNK):
+                entry.write(view[start : start + _CHUNK])
         position = offset + array.nbytes
     _copy_range(skeleton, entry, position, total - position)
 

@@ -67,6 +67,7 @@ class Part:
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     loop: dict[str, Any] | None = None
+    shard_ref: list = field(default_factory=list)  # [ObjectRef of {path: (start, stop, rows)}]
 
 
 class Coordinator:
@@ -95,10 +96,15 @@ class Coordinator:
     # -- phase 1: parts ---------------------------------------------------------
     def submit_part(self, step: int, rank: int, digest: str, snapshot_ref: list,
                     blocked_s: float, metrics: dict | None = None,
-                    extra: dict | None = None, loop: dict | None = None) -> None:
-        """Record one rank's part of ``step``; commit when the last one arrives."""
+                    extra: dict | None = None, loop: dict | None = None,
+                    shard_ref: list | None = None) -> None:
+        """Record one rank's part of ``step``; commit when the last one arrives.
+
+        ``digest`` covers the replicated state; ``shard_ref`` carries the rows
+        of sharded datasets this rank owns.
+        """
         part = Part(rank, digest, snapshot_ref, blocked_s, time.monotonic(),
-                    metrics or {}, extra or {}, loop)
+                    metrics or {}, extra or {}, loop, list(shard_ref or []))
         with self._lock:
             result = self._results.setdefault(step, Future())
             if result.done():
@@ -136,6 +142,9 @@ class Coordinator:
         try:
             lead = parts[0]
             snapshot = ray.get(lead.snapshot_ref[0])
+            shards = gather_shards(step, {r: ray.get(p.shard_ref[0]) for r, p in parts.items() if p.shard_ref})
+            if shards:
+                snapshot = with_shards(snapshot, shards)
             blocked_s = max(p.blocked_s for p in parts.values())
             with self._prune_lock:
                 manifest = self.manager.write_snapshot(
@@ -272,11 +281,59 @@ class _RayMetrics:
         self.recorded += 1
 
 
-def snapshot_digest(snapshot) -> str:
-    """sha256 over every array's path, shape, dtype and bytes (worker side)."""
+def gather_shards(step: int, by_rank: dict[int, dict]) -> dict[str, Any]:
+    """Order every sharded dataset's row ranges; refuse gaps and overlaps."""
+    from ckptmgr.archive import RowShards
+
+    paths = {path for shards in by_rank.values() for path in shards}
+    gathered = {}
+    for path in sorted(paths):
+        pieces = sorted((start, stop, rank, rows) for rank, shards in by_rank.items()
+                        for p, (start, stop, rows) in shards.items() if p == path)
+        expected = 0
+        for start, stop, rank, rows in pieces:
+            if start != expected or rows.shape[0] != stop - start:
+                raise DistributedSaveError(
+                    f"step {step} refused: shards of {path} do not tile its rows "
+                    f"(rank {rank} sent rows {start}:{stop}, expected to start at {expected}); "
+                    "nothing was written."
+                )
+            expected = stop
+        gathered[path] = RowShards([rows for *_, rows in pieces])
+    return gathered
+
+
+def with_shards(snapshot, shards: dict[str, Any]):
+    """The snapshot with each sharded dataset replaced by its gathered rows."""
+    from ckptmgr.archive import ModelSnapshot, VarGroup
+
+    groups = []
+    for group in snapshot.groups:
+        arrays = []
+        for key, array in group.arrays:
+            gathered = shards.get(f"{group.path}/{key}")
+            if gathered is not None and gathered.shape != array.shape:
+                raise DistributedSaveError(
+                    f"sharded {group.path}/{key}: gathered shape {gathered.shape} differs "
+                    f"from the variable's {array.shape}; nothing was written."
+                )
+            arrays.append((key, gathered if gathered is not None else array))
+        groups.append(VarGroup(group.path, group.attrs, arrays))
+    return ModelSnapshot(snapshot.config_json, snapshot.metadata_json, groups)
+
+
+def shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous rows of a sharded dataset that ``rank`` owns (even split)."""
+    return rank * rows // world_size, (rank + 1) * rows // world_size
+
+
+def snapshot_digest(snapshot, exclude: frozenset[str] = frozenset()) -> str:
+    """sha256 over every replicated array's path, shape, dtype and bytes (worker side)."""
     digest = hashlib.sha256()
     for group in snapshot.groups:
         for key, array in group.arrays:
+            if f"{group.path}/{key}" in exclude:
+                continue
             digest.update(f"{group.path}/{key}:{array.shape}:{array.dtype}".encode())
             digest.update(memoryview(array.reshape(-1).view("uint8")))
     return digest.hexdigest()

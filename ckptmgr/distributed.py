@@ -24,7 +24,15 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ckptmgr.coordinator import CoordinatorOptions, find, get_or_create, snapshot_digest
+from collections.abc import Collection
+
+from ckptmgr.coordinator import (
+    CoordinatorOptions,
+    find,
+    get_or_create,
+    shard_rows,
+    snapshot_digest,
+)
 from ckptmgr.errors import DistributedSaveError
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.manifest import LoopState, Manifest
@@ -78,9 +86,11 @@ def ray_rank_and_world() -> tuple[int, int] | None:
 class CoordinatorClient:
     """The manager-like face of a run's coordinator, used by one worker."""
 
-    def __init__(self, options: CoordinatorOptions, rank: int, *, grace_period_s: float = 25.0):
+    def __init__(self, options: CoordinatorOptions, rank: int, *, grace_period_s: float = 25.0,
+                 sharded: Collection[str] = ()):
         self.options = options
         self.rank = rank
+        self.sharded = frozenset(sharded)  # dataset paths, e.g. "optimizer/vars/3"
         self.grace_period_s = grace_period_s
         self._reader = CheckpointManager(options.directory, storage_options=options.storage_options)
         self._plan = None
@@ -147,11 +157,12 @@ class CoordinatorClient:
     def _hand_over(self, step: int, snapshot, blocked_s: float, meta: dict) -> dict:
         import ray
 
-        digest = snapshot_digest(snapshot)
+        digest = snapshot_digest(snapshot, exclude=self.sharded)
         refs = [ray.put(snapshot)] if self.rank == 0 else []
+        shard_ref = [ray.put(self._owned_rows(snapshot))] if self.sharded else []
         actor = self._actor()
         actor.submit_part.remote(step, self.rank, digest, refs, blocked_s,
-                                 meta["metrics"], meta["extra"], meta["loop"])
+                                 meta["metrics"], meta["extra"], meta["loop"], shard_ref)
         timeout = self.options.save_timeout_s + 600.0
         result = self._call("wait_step", step, None, timeout=timeout)
         if result.get("skipped"):
@@ -161,6 +172,23 @@ class CoordinatorClient:
             log.info("ckptmgr: saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
                      step, stats["bytes"], blocked_s, stats["write_s"], stats["mb_per_s"])
         return result
+
+    def _owned_rows(self, snapshot) -> dict[str, tuple[int, int, Any]]:
+        """This rank's rows of every sharded dataset: {path: (start, stop, rows)}."""
+        owned = {}
+        for group in snapshot.groups:
+            for key, array in group.arrays:
+                path = f"{group.path}/{key}"
+                if path in self.sharded:
+                    start, stop = shard_rows(array.shape[0], self.rank, self.options.world_size)
+                    owned[path] = (start, stop, array[start:stop])
+        missing = self.sharded - set(owned)
+        if missing:
+            raise DistributedSaveError(
+                f"Sharded dataset(s) {sorted(missing)} are not in this model's state; "
+                "name them as in model.weights.h5, e.g. 'layers/dense/vars/0'."
+            )
+        return owned
 
     def _finish_previous(self) -> dict | None:
         pending, self._in_flight = self._in_flight, None
@@ -216,7 +244,7 @@ class CoordinatorClient:
 def client_for(directory: str, *, rank: int | None, world_size: int | None,
                storage_options: dict | None, retention: dict[str, Any], on_busy: str,
                save_timeout_s: float = 120.0, prune_interval_s: float = 60.0,
-               grace_period_s: float = 25.0) -> CoordinatorClient | None:
+               grace_period_s: float = 25.0, sharded: Collection[str] = ()) -> CoordinatorClient | None:
     """A client when this process is a Ray worker of a run with a coordinator."""
     try:
         import ray
@@ -241,4 +269,4 @@ def client_for(directory: str, *, rank: int | None, world_size: int | None,
             f"{directory} expects {options.world_size}. Start the coordinator with "
             "the job's number of workers."
         )
-    return CoordinatorClient(options, rank, grace_period_s=grace_period_s)
+    return CoordinatorClient(options, rank, grace_period_s=grace_period_s, sharded=sharded)

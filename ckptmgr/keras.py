@@ -53,6 +53,13 @@ class CheckpointCallback(keras.callbacks.Callback):
         async_save: write in a background thread; ``fit()`` blocks only for
             the copy to host memory.
         save_on_train_end: save the final state unless it was just saved.
+        rank, world_size: this worker's place in a distributed run (read from
+            Ray Train or ``TF_CONFIG`` when not given).
+        grace_period_s: how long an emergency checkpoint may take after SIGTERM.
+        sharded_variables: distributed mode only: datasets (paths as in
+            ``model.weights.h5``, e.g. ``"optimizer/vars/3"``) whose rows each
+            rank owns a contiguous even share of; every rank sends its rows and
+            the coordinator gathers them. All other state is replicated.
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         rank: int | None = None,
         world_size: int | None = None,
         grace_period_s: float = 25.0,
+        sharded_variables: tuple[str, ...] = (),
     ):
         super().__init__()
         if save_freq != "epoch" and (
@@ -93,7 +101,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             directory_or_manager = client_for(
                 os.fspath(directory_or_manager), rank=rank, world_size=world_size,
                 storage_options=storage_options, retention=retention, on_busy=on_busy,
-                grace_period_s=grace_period_s,
+                grace_period_s=grace_period_s, sharded=sharded_variables,
             ) or CheckpointManager(
                 directory_or_manager, storage_options=storage_options, on_busy=on_busy, **retention
             )

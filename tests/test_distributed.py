@@ -35,7 +35,9 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = {name: c.add_node(num_cpus=1, resources={name: 1}) for name in ("rank0", "rank1")}
     c.wait_for_nodes()
-    ray.init(address=c.address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    # Workers import helpers from this directory (same machine, so a path works).
+    env = dict(WORKER_ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=False)
     yield c, nodes
     ray.shutdown()
     c.shutdown()
@@ -254,4 +256,56 @@ def test_ray_train_tensorflow_trainer_with_two_workers(cluster, tmp_path):
     # Both Ray Train ranks went through the coordinator and their digests agreed.
     assert manifest.world["ranks"] == [0, 1] and manifest.world["world_size"] == 2
     assert all(r.ok for r in manager.verify())
+    ray.kill(coord)
+
+
+class ShardOwner:
+    """A plain Ray actor rank that owns some rows of a sharded dataset."""
+
+    def save(self, directory: str, rank: int, sharded: str, step: int):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import keras
+
+        from ckptmgr.coordinator import find, shard_rows
+        from ckptmgr.distributed import CoordinatorClient
+
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(32), keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        model.fit(np.ones((8, 4), "float32"), np.ones((8, 1), "float32"), verbose=0)
+        kernel = model.layers[0].kernel
+        true_value = kernel.numpy().copy()
+        garbled = true_value.copy()
+        start, stop = shard_rows(garbled.shape[0], rank, 2)
+        garbled[:start] = 100 + rank  # rows owned by others hold junk here
+        garbled[stop:] = 100 + rank
+        kernel.assign(garbled)
+        options = ray.get(find(directory).options_.remote())
+        client = CoordinatorClient(options, rank, sharded={sharded})
+        client.save(step, model, blocking=True)
+        return true_value
+
+
+def test_sharded_rows_are_gathered_from_every_rank(cluster, tmp_path):
+    import h5py
+    import keras
+
+    directory = str(tmp_path / "run")
+    coord = get_or_create(CoordinatorOptions(directory, world_size=2))
+    owner = ray.remote(num_cpus=0)(ShardOwner)
+    ranks = [owner.options(resources=PLACEMENT[r]).remote() for r in range(2)]
+    kernels = ray.get([a.save.remote(directory, r, "layers/dense/vars/0", 5) for r, a in enumerate(ranks)])
+    np.testing.assert_array_equal(kernels[0], kernels[1])  # the true value, same on both
+    manager = CheckpointManager(directory)
+    assert manager.steps() == [5]  # digests agreed: sharded rows are left out of them
+    path = manager.storage.local_archive_path(5)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.layers[0].kernel.numpy(), kernels[0])
+    with open(path, "rb") as f:
+        from ckptmgr.archive import open_weights
+
+        with open_weights(f) as h5:
+            assert isinstance(h5["layers/dense/vars/0"], h5py.Dataset)
+    for actor in ranks:
+        ray.kill(actor)
     ray.kill(coord)
