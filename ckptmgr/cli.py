@@ -183,7 +183,7 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array instead of a table."),
     storage_option: Optional[list[str]] = StorageOpt,
 ) -> None:
-    """List committed checkpoints: step, created, size, metrics, pinned."""
+    """List committed checkpoints: step, created, size, save times, metrics, pinned."""
     manager = _manager(url, storage_option)
     manifests = manager.manifests()
     pinned = manager.storage.pinned_steps()
@@ -198,7 +198,8 @@ def list_(
 
     table = Table(title=manager.directory, title_justify="left")
     for name, justify in [("step", "right"), ("created", "left"), ("size", "right"),
-                          ("epoch", "right"), ("metrics", "left"), ("pinned", "left")]:
+                          ("epoch", "right"), ("blocked", "right"), ("write", "right"),
+                          ("MB/s", "right"), ("metrics", "left"), ("pinned", "left")]:
         table.add_column(name, justify=justify, no_wrap=name != "metrics")
     for m, row in zip(manifests, rows):
         table.add_row(
@@ -206,6 +207,9 @@ def list_(
             _when(m.created),
             _human(row["bytes"]),
             "" if row["epoch"] is None else str(row["epoch"]),
+            f"{m.stats.blocked_s:.3f}s",
+            f"{m.stats.write_s:.2f}s",
+            f"{m.stats.mb_per_s:.0f}",
             _metrics_text(m.metrics),
             "pinned" if row["pinned"] else "",
         )

@@ -223,6 +223,12 @@ class Coordinator:
 
         return os.getpid()
 
+    def imports_tensorflow(self) -> bool:
+        """True if this process has imported TensorFlow (it should not need to)."""
+        import sys
+
+        return "tensorflow" in sys.modules
+
     def metrics_recorded(self) -> int:
         """How many saves were exported as Ray metrics."""
         return self._metrics.recorded

@@ -82,6 +82,7 @@ def test_two_workers_commit_through_the_coordinator(cluster, tmp_path, where, re
     from ckptmgr.coordinator import find
 
     assert ray.get(find(directory).metrics_recorded.remote()) >= 4
+    assert ray.get(find(directory).imports_tensorflow.remote()) is False
     loaded = manager.load()  # stock load_model on the verified archive
     for got, want in zip(loaded.get_weights(), weights, strict=True):
         np.testing.assert_array_equal(got, want)
