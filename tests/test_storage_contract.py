@@ -409,20 +409,21 @@ def test_bad_url_is_a_config_error(url):
     assert "Received" in str(info.value)
 
 
-def test_missing_bucket_is_an_error_not_an_empty_run(request, backend):
+@pytest.mark.parametrize("store", OBJECT_STORES)
+def test_missing_bucket_is_an_error_not_an_empty_run(request, store):
     """A typo in the bucket must not read as "no checkpoints yet" (resume would
-    silently start from scratch) nor create the bucket on the first save."""
-    if backend.name not in OBJECT_STORES:
-        pytest.skip("buckets exist only on object stores")
-    scheme = backend.url.split("://")[0]
+    silently start from scratch) nor create the bucket on the first save.
+    (Buckets exist only on object stores.)"""
+    server = request.getfixturevalue(f"{store}_server")
+    scheme = "gs" if store == "gcs" else "s3"
     bucket = "no-such-bucket-0f3c9a"
-    s = Storage(f"{scheme}://{bucket}/run-1", backend.storage_options)
+    s = Storage(f"{scheme}://{bucket}/run-1", server.storage_options)
     with pytest.raises(StorageError):
         s.committed_steps()
     with pytest.raises(StorageError):
         with s.open_archive_writer(1) as w:
             w.write(b"x")
-    assert not backend.server.fs().exists(bucket)
+    assert not server.fs().exists(bucket)
 
 
 @pytest.fixture(scope="module")
