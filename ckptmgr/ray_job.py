@@ -66,32 +66,10 @@ class TrainWorker:
             os.environ["TF_CONFIG"] = json.dumps(
                 {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": self.rank}}
             )
-        from ckptmgr.config import JobConfig
-        from ckptmgr.job import build_model, make_dataset, seed_everything
-        from ckptmgr.keras import CheckpointCallback
-        from ckptmgr.keras_compat import apply_multiworker_fit_patch
-
-        import tensorflow as tf
-
         cfg = JobConfig.model_validate_json(cfg_json)
-        seed_everything(cfg.training.seed)
-        if self.world_size > 1:
-            apply_multiworker_fit_patch()
-            strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        else:
-            strategy = tf.distribute.get_strategy()
-        with strategy.scope():
-            model = build_model(cfg.training)
-        x, y = make_dataset(cfg.training)
-        ckpt = cfg.checkpoint
-        callback = CheckpointCallback(
-            ckpt.directory, storage_options=ckpt.storage_options, save_freq=ckpt.save_freq,
-            on_busy=ckpt.on_busy, rank=self.rank, world_size=self.world_size,
-            grace_period_s=cfg.ray.grace_period_s, **ckpt.retention_options(),
-        )
-        history = model.fit(
-            x, y, batch_size=cfg.training.batch_size, epochs=cfg.training.epochs,
-            shuffle=cfg.training.shuffle, callbacks=[callback], verbose=0,
+        model, callback, history = _fit_example(
+            cfg, multiworker=self.world_size > 1, rank=self.rank, world_size=self.world_size,
+            grace_period_s=cfg.ray.grace_period_s,
         )
         losses = history.history.get("loss") or []
         return {
@@ -116,28 +94,11 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     where preemption notices must trigger an emergency checkpoint.
     """
     import ray.train
-    import tensorflow as tf
 
-    from ckptmgr.config import JobConfig
     from ckptmgr.distributed import CoordinatorClient
-    from ckptmgr.job import build_model, make_dataset, seed_everything
-    from ckptmgr.keras import CheckpointCallback
-    from ckptmgr.keras_compat import apply_multiworker_fit_patch
 
-    apply_multiworker_fit_patch()
     cfg = JobConfig.model_validate_json(config["cfg"])
-    seed_everything(cfg.training.seed)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    with strategy.scope():
-        model = build_model(cfg.training)
-    x, y = make_dataset(cfg.training)
-    ckpt = cfg.checkpoint
-    callback = CheckpointCallback(
-        ckpt.directory, storage_options=ckpt.storage_options, save_freq=ckpt.save_freq,
-        on_busy=ckpt.on_busy, **ckpt.retention_options(),
-    )
-    history = model.fit(x, y, batch_size=cfg.training.batch_size, epochs=cfg.training.epochs,
-                        shuffle=cfg.training.shuffle, callbacks=[callback], verbose=0)
+    model, callback, history = _fit_example(cfg, multiworker=True)
     losses = history.history.get("loss") or []
     ray.train.report({
         "distributed": isinstance(callback.manager, CoordinatorClient),
@@ -146,6 +107,35 @@ def ray_train_loop(config: dict[str, Any]) -> None:
         "loss": float(losses[-1]) if losses else float("nan"),
         "weights_sha256": weights_digest(model),
     })
+
+
+def _fit_example(cfg: JobConfig, *, multiworker: bool, **callback_args: Any):
+    """Build the example model under the right strategy and fit it with checkpoints."""
+    import tensorflow as tf
+
+    from ckptmgr.job import build_model, make_dataset, seed_everything
+    from ckptmgr.keras import CheckpointCallback
+    from ckptmgr.keras_compat import apply_multiworker_fit_patch
+
+    seed_everything(cfg.training.seed)
+    if multiworker:
+        apply_multiworker_fit_patch()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build_model(cfg.training)
+    x, y = make_dataset(cfg.training)
+    ckpt = cfg.checkpoint
+    callback = CheckpointCallback(
+        ckpt.directory, storage_options=ckpt.storage_options, save_freq=ckpt.save_freq,
+        on_busy=ckpt.on_busy, **ckpt.retention_options(), **callback_args,
+    )
+    history = model.fit(
+        x, y, batch_size=cfg.training.batch_size, epochs=cfg.training.epochs,
+        shuffle=cfg.training.shuffle, callbacks=[callback], verbose=0,
+    )
+    return model, callback, history
 
 
 def weights_digest(model) -> str:

@@ -56,6 +56,21 @@ def _cfg(directory: str, *extra: str, storage_options: dict | None = None):
     return cfg
 
 
+def _start_job(cfg) -> tuple[threading.Thread, dict]:
+    """Run the job in a thread; its result or error lands in the returned dict."""
+    outcome: dict = {}
+
+    def job():
+        try:
+            outcome["result"] = run_on_ray(cfg, resume=False, worker_resources=PLACEMENT)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    return thread, outcome
+
+
 def _kill_coordinator(directory: str) -> None:
     from ckptmgr.coordinator import find
 
@@ -98,16 +113,7 @@ def test_node_removed_then_resume_matches_uninterrupted(cluster, tmp_path):
 
     directory = str(tmp_path / "run")
     cfg = _cfg(directory, *long)
-    outcome: dict = {}
-
-    def job():
-        try:
-            outcome["result"] = run_on_ray(cfg, resume=False, worker_resources=PLACEMENT)
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=job)
-    thread.start()
+    thread, outcome = _start_job(cfg)
     manager = CheckpointManager(directory)
     deadline = time.monotonic() + 120
     while (manager.latest_step() or 0) < 24 and time.monotonic() < deadline:
@@ -135,16 +141,7 @@ def test_sigterm_on_a_worker_commits_an_emergency_checkpoint(cluster, tmp_path):
 
     directory = str(tmp_path / "run")
     cfg = _cfg(directory, "training.epochs=40", "checkpoint.save_freq=40")
-    outcome: dict = {}
-
-    def job():
-        try:
-            outcome["result"] = run_on_ray(cfg, resume=False, worker_resources=PLACEMENT)
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=job)
-    thread.start()
+    thread, outcome = _start_job(cfg)
     manager = CheckpointManager(directory)
     deadline = time.monotonic() + 120
     while (manager.latest_step() or 0) < 40 and time.monotonic() < deadline:
