@@ -129,3 +129,29 @@ def test_completed_run_resumes_to_a_no_op(tmp_path):
     assert callback.restored_step == EPOCHS * SAMPLES // BATCH
     for a, b in zip(_state(first), _state(again), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_shuffle_true_restores_position_not_data_order(tmp_path):
+    """What the README promises for shuffle=True: exact state and position,
+    the same number of steps in all; not bit-identical weights."""
+    def fit(directory, interrupt_at=None):
+        model = _model()
+        callback = CheckpointCallback(directory, save_freq=4)
+        callbacks = [callback] + ([InterruptAt(interrupt_at)] if interrupt_at else [])
+        x, y = _data()
+        try:
+            model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=True, verbose=0,
+                      callbacks=callbacks)
+        except Interrupt:
+            callback.manager.wait_until_finished()
+        return model, callback
+
+    reference, _ = fit(tmp_path / "reference")
+    interrupted, _ = fit(tmp_path / "run", interrupt_at=11)
+    saved = CheckpointManager(tmp_path / "run").manifest(8)
+    resumed, callback = fit(tmp_path / "run")
+    assert callback.restored_step == 8
+    assert (saved.loop.next_epoch, saved.loop.next_batch) == (1, 2)
+    total = EPOCHS * SAMPLES // BATCH
+    assert int(resumed.optimizer.iterations) == int(reference.optimizer.iterations) == total
+    assert CheckpointManager(tmp_path / "run").latest_step() == total
