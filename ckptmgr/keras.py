@@ -131,8 +131,12 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._reset_position()
         install_sigterm_handler()
         self._global_step = _optimizer_iterations(self.model)
-        if not self.restore_on_begin or self.manager.latest_step() is None:
-            return
+        if self.restore_on_begin and self.manager.latest_step() is not None:
+            self._restore()
+        if hasattr(self.manager, "prepare"):
+            self.manager.prepare(self.model)  # host buffers now, not at the first save
+
+    def _restore(self) -> None:
         manifest = self.manager.restore(self.model)
         self.restored_manifest, self.restored_step = manifest, manifest.step
         self._global_step = self._last_saved_step = manifest.step

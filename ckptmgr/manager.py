@@ -350,42 +350,76 @@ class CheckpointManager:
         finally:
             os.remove(tmp)
 
-    @contextmanager
-    def _newest_verified(self, step: int | None) -> Iterator[tuple[Manifest, str]]:
-        """Explicit step: that one or an error. Otherwise newest that verifies."""
-        if step is not None:
-            with self.verified_archive(step) as found:
-                yield found
-            return
-        steps = self.steps()
-        if not steps:
+    def _first_good(self, step: int | None, use: Callable[[Manifest, str], Any], *,
+                    overlap: bool = False) -> tuple[Manifest, Any]:
+        """``use(manifest, local_path)`` on a checkpoint that verifies.
+
+        Explicit step: that one or an error. Otherwise the newest that verifies;
+        corrupt newer ones are skipped with a warning. By default the checksum
+        is checked before ``use`` runs, so a corrupt checkpoint never touches
+        anything. With ``overlap`` (only for a ``use`` without side effects,
+        like building a new model) the checksum runs in a thread while ``use``
+        reads the same local file, about one pass instead of two; the result is
+        returned only once the checksum has matched.
+        """
+        candidates = [self._resolve_step(step)] if step is not None else list(reversed(self.steps()))
+        if not candidates:
             self._resolve_step(None)  # raises a clear not-found error
         problems = []
-        for candidate in reversed(steps):
+        for candidate in candidates:
             try:
-                cm = self.verified_archive(candidate)
-                found = cm.__enter__()
+                return self._use_verified(candidate, use, problems, overlap)
             except CorruptCheckpointError as exc:
+                if step is not None:
+                    raise
                 problems.append(_one_line(exc, candidate))
                 log.warning("ckptmgr: %s; falling back to an older checkpoint", problems[-1])
-                continue
-            if problems:
-                log.warning(
-                    "ckptmgr: restoring step %d, the newest checkpoint that verifies", candidate
-                )
-            try:
-                yield found
-            except BaseException as exc:
-                if not cm.__exit__(type(exc), exc, exc.__traceback__):
-                    raise
-            else:
-                cm.__exit__(None, None, None)
-            return
         raise CorruptCheckpointError(
             f"No checkpoint under {self.directory} verifies: " + "; ".join(problems)
         )
 
+    def _use_verified(self, step: int, use, problems: list[str], overlap: bool) -> tuple[Manifest, Any]:
+        manifest = self.manifest(step)
+        local = self.storage.local_archive_path(step)
+        if local is None or not overlap:  # remote: download while hashing, then use
+            with self.verified_archive(step) as (_, path):
+                result = use(manifest, path)
+        else:
+            result = self._use_while_hashing(manifest, local, use)
+        if problems:
+            log.warning("ckptmgr: restoring step %d, the newest checkpoint that verifies", step)
+        return manifest, result
+
+    def _use_while_hashing(self, manifest: Manifest, path: str, use):
+        outcome: dict[str, BaseException] = {}
+
+        def check():
+            try:
+                self._check_archive(manifest, sink=None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                outcome["error"] = exc
+
+        checker = threading.Thread(target=check, name="ckptmgr-verify")
+        checker.start()
+        try:
+            result = use(manifest, path)
+        except Exception:
+            checker.join()
+            if "error" in outcome:  # the data was bad: report that, not its symptom
+                raise outcome["error"] from None
+            raise
+        checker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return result
+
     # -- restoring ----------------------------------------------------------------
+    def prepare(self, model) -> None:
+        """Plan the capture and allocate host buffers now (e.g. at train begin),
+        so the first save blocks no longer than the later ones."""
+        self.wait_until_finished()
+        self._capture(model)
+
     def restore(self, model, step: int | None = None) -> Manifest:
         """Load weights and optimizer state into an existing, built ``model``.
 
@@ -395,9 +429,11 @@ class CheckpointManager:
         """
         from ckptmgr.state import apply_weights
 
-        with self._newest_verified(step) as (manifest, path):
+        def apply(manifest: Manifest, path: str) -> None:
             with open(path, "rb") as f, open_weights(f) as h5:
                 apply_weights(model, h5)
+
+        manifest, _ = self._first_good(step, apply)
         return manifest
 
     def load(
@@ -411,13 +447,16 @@ class CheckpointManager:
         """A new model, as ``keras.saving.load_model`` would give (``safe_mode`` on)."""
         import keras
 
-        with self._newest_verified(step) as (manifest, path):
+        def build(manifest: Manifest, path: str):
             try:
                 return keras.saving.load_model(
                     path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
                 )
             except (TypeError, ValueError) as exc:
                 raise _loading_error(exc, manifest.step) from None
+
+        _, model = self._first_good(step, build, overlap=True)
+        return model
 
     # -- pruning --------------------------------------------------------------------
     def pin(self, step: int, pinned: bool = True) -> None:

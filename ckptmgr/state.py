@@ -246,10 +246,24 @@ def _variable_signature(model) -> tuple[int, int]:
 
 
 def _host(value) -> np.ndarray:
-    """A host view of a variable's current value (zero-copy where possible)."""
+    """A host view of a variable's current value, zero-copy where possible.
+
+    TensorFlow's ``.numpy()`` copies; ``read_value()._numpy()`` is a view of
+    the tensor's host buffer (on a GPU it is the one device-to-host copy). The
+    caller copies the view into its own buffer at once, while training waits,
+    so later steps cannot change what is written.
+    """
     inner = getattr(value, "value", value)
-    if hasattr(inner, "numpy"):
-        return np.asarray(inner.numpy())
+    read = getattr(inner, "read_value", None)
+    tensor = read() if callable(read) else inner
+    view = getattr(tensor, "_numpy", None)
+    if callable(view):
+        try:
+            return np.asarray(view())
+        except Exception:  # noqa: BLE001 - fall back to the copying path
+            pass
+    if hasattr(tensor, "numpy"):
+        return np.asarray(tensor.numpy())
     return np.asarray(value)
 
 
