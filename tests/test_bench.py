@@ -1,0 +1,36 @@
+"""The benchmark still runs end to end: ``python -m bench --quick`` (no timing asserts)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_a_row_per_section_and_a_plot(tmp_path):
+    out = tmp_path / "results"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--strict", "--out", str(out),
+         "--tmp", str(tmp_path)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    table = (out / "latest.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| S")]
+    for section in SECTIONS:
+        mine = [r for r in rows if r.startswith(f"| {section} |")]
+        assert mine, f"no row for {section} in latest.md:\n{table}"
+        errors = [r for r in mine if "| error |" in r]
+        assert not errors, f"{section} failed: {errors}\n{proc.stdout[-4000:]}"
+    png = out / "latest.png"
+    assert png.exists() and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
