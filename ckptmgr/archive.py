@@ -97,9 +97,12 @@ class ModelSnapshot:
         return sum(a.nbytes for g in self.groups for _, a in g.arrays)
 
 
-def write_keras_archive(out: BinaryIO, snapshot: ModelSnapshot) -> None:
-    """Stream ``snapshot`` as a ``.keras`` zip into the writable stream ``out``."""
-    with _h5_skeleton(snapshot) as (skeleton_path, regions, total):
+def write_keras_archive(out: BinaryIO, snapshot: ModelSnapshot, scratch_dir: str | None = None) -> None:
+    """Stream ``snapshot`` as a ``.keras`` zip into the writable stream ``out``.
+
+    The sparse HDF5 skeleton goes to ``scratch_dir`` (default: the system temp).
+    """
+    with _h5_skeleton(snapshot, scratch_dir) as (skeleton_path, regions, total):
         with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
             zf.writestr(_zipinfo(METADATA_FILENAME), snapshot.metadata_json)
             zf.writestr(_zipinfo(CONFIG_FILENAME), snapshot.config_json)
@@ -117,9 +120,9 @@ def _zipinfo(name: str) -> zipfile.ZipInfo:
 
 
 @contextmanager
-def _h5_skeleton(snapshot: ModelSnapshot) -> Iterator[tuple[str, list, int]]:
+def _h5_skeleton(snapshot: ModelSnapshot, scratch_dir: str | None) -> Iterator[tuple[str, list, int]]:
     """Yield (path, [(offset, array)...] sorted, total size) of a sparse HDF5."""
-    fd, path = tempfile.mkstemp(prefix="ckptmgr-skeleton-", suffix=".h5")
+    fd, path = tempfile.mkstemp(prefix="ckptmgr-skeleton-", suffix=".h5.part", dir=scratch_dir)
     os.close(fd)
     try:
         datasets = _create_skeleton(path, snapshot)

@@ -15,9 +15,11 @@ period, and stops.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
+import statistics
 import os
 import signal
 import threading
@@ -42,6 +44,7 @@ log = logging.getLogger("ckptmgr")
 
 _preempted = threading.Event()
 POLL_INTERVAL_S = 0.2  # how often workers ask the coordinator for an emergency step
+EMERGENCY_LEAD_S = 1.0  # how far ahead (in training time) the emergency step is set
 
 
 def install_sigterm_handler() -> bool:
@@ -99,16 +102,20 @@ class CoordinatorClient:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckptmgr-client")
         self._in_flight: Future | None = None
         self._emergency_ref = None
+        self._handle = None
         self._next_poll = 0.0
         self._step_clock: tuple[int, float] | None = None
-        self._step_time_s = 0.0
+        self._step_times: collections.deque[float] = collections.deque(maxlen=32)
 
     @property
     def directory(self) -> str:
         return self.options.directory
 
     def _actor(self):
-        return find(self.options.directory) or get_or_create(self.options)
+        """The coordinator's handle, looked up once (a lookup is an RPC)."""
+        if self._handle is None:
+            self._handle = find(self.options.directory) or get_or_create(self.options)
+        return self._handle
 
     def _call(self, method: str, *args, timeout: float | None = None):
         import ray
@@ -118,7 +125,8 @@ class CoordinatorClient:
         except ray.exceptions.RayActorError:
             # The coordinator died (ray.kill, node loss): a new one carries on.
             log.warning("ckptmgr: coordinator died; starting a new one")
-            return ray.get(getattr(get_or_create(self.options), method).remote(*args), timeout=timeout)
+            self._handle = get_or_create(self.options)
+            return ray.get(getattr(self._handle, method).remote(*args), timeout=timeout)
 
     # -- queries and restore ---------------------------------------------------
     def steps(self) -> list[int]:
@@ -235,8 +243,7 @@ class CoordinatorClient:
         self._track_step_time(current_step, now)
         if preemption_requested():
             clear_preemption()
-            margin = 2 + int(math.ceil(2 * POLL_INTERVAL_S / max(self._step_time_s, 1e-4)))
-            return self._call("request_emergency", current_step, margin)
+            return self._call("request_emergency", current_step, self._emergency_margin())
         if now < self._next_poll:
             return None
         self._next_poll = now + POLL_INTERVAL_S
@@ -246,14 +253,25 @@ class CoordinatorClient:
         ready, _ = ray.wait([self._emergency_ref], timeout=0)
         if not ready:
             return None
-        self._emergency_ref, value = None, ray.get(ready[0])
-        return value
+        self._emergency_ref = None
+        try:
+            return ray.get(ready[0])
+        except ray.exceptions.RayActorError:
+            self._handle = None  # a new coordinator carries on; ask it next time
+            return None
 
     def _track_step_time(self, step: int, now: float) -> None:
         if self._step_clock is not None and step > self._step_clock[0]:
-            per_step = (now - self._step_clock[1]) / (step - self._step_clock[0])
-            self._step_time_s = per_step if not self._step_time_s else 0.8 * self._step_time_s + 0.2 * per_step
+            self._step_times.append((now - self._step_clock[1]) / (step - self._step_clock[0]))
         self._step_clock = (step, now)
+
+    def _emergency_margin(self) -> int:
+        """Steps until the emergency save: EMERGENCY_LEAD_S of training, so that
+        every rank has polled (every POLL_INTERVAL_S) before reaching it. The
+        median step time ignores pauses such as saves; all ranks must save at
+        the same step (collective ops under MultiWorkerMirroredStrategy)."""
+        step_s = statistics.median(self._step_times) if self._step_times else 1e-3
+        return 2 + int(math.ceil(EMERGENCY_LEAD_S / max(step_s, 1e-4)))
 
     def emergency_save(self, step: int, model, *, loop: LoopState, metrics=None) -> bool:
         """Save ``step`` and wait for its commit, at most the grace period."""

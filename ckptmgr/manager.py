@@ -262,7 +262,7 @@ class CheckpointManager:
         """
         started = time.perf_counter()
         with self.storage.open_archive_writer(step) as writer:
-            write_keras_archive(writer, snapshot)
+            write_keras_archive(writer, snapshot, scratch_dir=self.storage.scratch_dir())
         write_s = time.perf_counter() - started
         size = writer.bytes_written
         manifest = Manifest(

@@ -221,6 +221,7 @@ def _wait_all(refs: list, workers: list) -> list[dict[str, Any]]:
             ray.get(done[0])
         except ray.exceptions.RayError as exc:
             rank = refs.index(done[0])
+            log.error("ckptmgr: worker rank %d failed:\n%s", rank, exc)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise JobStoppedError(
                 f"The job stopped: worker rank {rank} failed ({type(exc).__name__}: "

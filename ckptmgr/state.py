@@ -214,7 +214,7 @@ class StatePlan:
         capture (no page faults; ~memcpy speed). The caller must not reuse them
         while an earlier snapshot is still being written.
         """
-        groups = []
+        groups, copies = [], []
         for gi, group in enumerate(self.groups):
             arrays = []
             for key, value in group.current_values():
@@ -224,9 +224,10 @@ class StatePlan:
                     buf = np.empty(source.shape, source.dtype)
                     if reuse_buffers:
                         self._buffers[(gi, key)] = buf
-                np.copyto(buf, source)
+                copies.append((buf, source))
                 arrays.append((key, buf))
             groups.append(VarGroup(group.path, dict(group.attrs), arrays))
+        _copy_all(copies)
         return ModelSnapshot(
             config_json=model_config_json(self._model),
             metadata_json=json.dumps(
@@ -237,6 +238,36 @@ class StatePlan:
             ),
             groups=groups,
         )
+
+
+_COPY_THREADS = min(4, os.cpu_count() or 1)
+_COPY_SPLIT_BYTES = 8 * 1024 * 1024  # arrays above this are split across threads
+_copy_pool = None
+
+
+def _copy_all(copies: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """``np.copyto`` every pair, large ones split across a few threads.
+
+    numpy releases the GIL while copying, so on two cores two threads finish
+    the blocking copy ~25 % sooner than one.
+    """
+    global _copy_pool
+    small = [(d, s) for d, s in copies if d.nbytes < _COPY_SPLIT_BYTES or _COPY_THREADS < 2]
+    for dst, src in small:
+        np.copyto(dst, src)
+    pieces = []
+    for dst, src in copies:
+        if dst.nbytes >= _COPY_SPLIT_BYTES and _COPY_THREADS >= 2:
+            flat_dst, flat_src = dst.reshape(-1), np.ascontiguousarray(src).reshape(-1)
+            bounds = np.linspace(0, flat_dst.size, _COPY_THREADS + 1).astype(int)
+            pieces += [(flat_dst[a:b], flat_src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    if not pieces:
+        return
+    if _copy_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _copy_pool = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="ckptmgr-copy")
+    list(_copy_pool.map(lambda pair: np.copyto(*pair), pieces))
 
 
 def _variable_signature(model) -> tuple[int, int]:

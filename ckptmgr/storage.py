@@ -417,10 +417,23 @@ class Storage:
                 ) as f:
                     yield f
 
-    def iter_archive_chunks(self, step: int) -> Iterator[bytes]:
+    def iter_archive_chunks(self, step: int) -> Iterator[memoryview]:
+        """The archive in order, through one reused buffer: use each chunk
+        before asking for the next."""
+        buffer = bytearray(CHUNK_BYTES)
+        view = memoryview(buffer)
         with self.open_archive(step) as f:
-            while chunk := f.read(CHUNK_BYTES):
-                yield chunk
+            while n := f.readinto(buffer):
+                yield view[:n]
+
+    def scratch_dir(self) -> str | None:
+        """Where local temp files of a write go (swept like other leftovers);
+        None for object stores (the system temp directory is used)."""
+        if not self.is_local:
+            return None
+        path = self._path(_TMP_DIR)
+        os.makedirs(path, exist_ok=True)
+        return path
 
     # -- deleting ------------------------------------------------------------
     def delete(self, step: int) -> None:
