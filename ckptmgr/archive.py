@@ -120,7 +120,7 @@ def _zipinfo(name: str) -> zipfile.ZipInfo:
 
 
 @contextmanager
-def _h5_skeleton(snapshot: ModelSnapshot, scratch_dir: str | None) -> Iterator[tuple[str, list, int]]:
+def _h5_skeleton(snapshot: ModelSnapshot, scratch_dir: str | None = None) -> Iterator[tuple[str, list, int]]:
     """Yield (path, [(offset, array)...] sorted, total size) of a sparse HDF5."""
     fd, path = tempfile.mkstemp(prefix="ckptmgr-skeleton-", suffix=".h5.part", dir=scratch_dir)
     os.close(fd)
