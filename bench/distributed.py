@@ -120,7 +120,7 @@ def coordinator_blocked(ctx: Context) -> None:
                    ratio=steady_capture / floor if floor else None, op="<=", target=2.0,
                    target_text="≤ 2× floor", note=f"first {captures[0]:.2f} s"))
     report.add(Row("S1", "ckptmgr + Ray: callback on batches without a save (median)", median(others), "s",
-                   note="polls the coordinator for an emergency step every batch"))
+                   note="checks for an emergency step each batch; asks the coordinator at most every 0.2 s"))
     report.add(Row("S1", "ckptmgr + Ray: coordinator write (manifest write_s, median)", write_s, "s",
                    note=f"{n / write_s / 1e6:.0f} MB/s"))
     if before is not None and after is not None:
@@ -144,7 +144,7 @@ def coordinator_blocked(ctx: Context) -> None:
     report.plot_ratios.append(("S5 coordinator RSS (≤)", rss.delta_rss / n, 1.25, "<="))
     # S7: the hand-over steps on a worker.
     pb = probe["bytes"]
-    report.add(Row("S7", "Ray worker: snapshot_digest (sha256 of replicated state, every rank)",
+    report.add(Row("S7", "Ray worker: snapshot_digest (CRC32 fingerprint of replicated state, every rank)",
                    probe["digest_s"], "s", "worker capture", probe["capture_s"],
                    ratio=probe["digest_s"] / probe["capture_s"], note=f"{pb / probe['digest_s'] / 1e9:.2f} GB/s"))
     report.add(Row("S7", "Ray worker: ray.put(snapshot) (copy into the object store, rank 0)",
