@@ -173,7 +173,7 @@ def run_on_ray(
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": WORKER_ENV},
                  log_to_driver=False, configure_logging=False)
-    coordinator = get_or_create(coordinator_options(cfg))
+    coordinator = _coordinator_for(coordinator_options(cfg))
     latest = ray.get(coordinator.latest_step.remote())
     if resume and latest is None:
         raise CheckpointNotFoundError(
@@ -208,6 +208,21 @@ def run_on_ray(
         ),
         lead["weights"],
     )
+
+
+def _coordinator_for(options: CoordinatorOptions):
+    """The run's coordinator, replaced if it was started with other options
+    (another world size or retention): it is detached and outlives a job."""
+    import ray
+
+    from ckptmgr.coordinator import find
+
+    existing = find(options.directory)
+    if existing is not None and ray.get(existing.options_.remote()) != options:
+        log.info("ckptmgr: restarting the coordinator of %s with the new options", options.directory)
+        ray.get(existing.shutdown.remote())  # finishes a write in flight
+        ray.kill(existing)
+    return get_or_create(options)
 
 
 def _wait_all(refs: list, workers: list) -> list[dict[str, Any]]:

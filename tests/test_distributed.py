@@ -307,3 +307,19 @@ def test_sharded_rows_are_gathered_from_every_rank(cluster, tmp_path):
     for actor in ranks:
         ray.kill(actor)
     ray.kill(coord)
+
+
+def test_a_new_job_config_replaces_a_stale_coordinator(cluster, tmp_path):
+    from ckptmgr.coordinator import find
+    from ckptmgr.ray_job import _coordinator_for, coordinator_options
+
+    directory = str(tmp_path / "run")
+    stale = get_or_create(CoordinatorOptions(directory, world_size=3))
+    wanted = coordinator_options(_cfg(directory))
+    fresh = _coordinator_for(wanted)
+    assert ray.get(fresh.options_.remote()) == wanted
+    assert ray.get(find(directory).options_.remote()).world_size == 2
+    del stale
+    same = _coordinator_for(wanted)  # unchanged options: the same actor is kept
+    assert ray.get(same.pid.remote()) == ray.get(fresh.pid.remote())
+    ray.kill(fresh)
