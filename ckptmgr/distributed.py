@@ -144,18 +144,17 @@ class CoordinatorClient:
 
     def prepare(self, model) -> None:
         """Plan and allocate host buffers now, so the first save is not slower."""
-        from ckptmgr.state import StatePlan
+        from ckptmgr.state import plan_for
 
         self._finish_previous()
-        if self._plan is None or not self._plan.is_current(model):
-            self._plan = StatePlan(model)
+        self._plan = plan_for(model, self._plan)
         self._plan.capture(reuse_buffers=True)
 
     # -- saving -------------------------------------------------------------------
     def save(self, step: int, model, *, metrics=None, extra=None, loop: LoopState | None = None,
              pin: bool = False, blocking: bool = False):
         """Copy state to host (blocking), then hand it over in the background."""
-        from ckptmgr.state import StatePlan
+        from ckptmgr.state import plan_for
 
         if self._in_flight is not None and not self._in_flight.done():
             if self.options.on_busy == "skip":
@@ -165,8 +164,7 @@ class CoordinatorClient:
             log.info("ckptmgr: rank %d: waiting for the previous save", self.rank)
         self._finish_previous()
         started = time.perf_counter()
-        if self._plan is None or not self._plan.is_current(model):
-            self._plan = StatePlan(model)
+        self._plan = plan_for(model, self._plan)
         snapshot = self._plan.capture(reuse_buffers=True)
         blocked_s = time.perf_counter() - started
         meta = dict(metrics=metrics or {}, extra=extra or {},
@@ -311,9 +309,7 @@ def client_for(directory: str, *, rank: int | None, world_size: int | None,
         if detected is None:
             return None
         rank, world_size = detected
-    import ray as _ray
-
-    options = _ray.get(actor.options_.remote())
+    options = ray.get(actor.options_.remote())
     if options.world_size != world_size:
         raise DistributedSaveError(
             f"World size mismatch: this worker says {world_size}, the coordinator of "

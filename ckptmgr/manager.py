@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import operator
 import os
 import re
 import shutil
@@ -199,10 +200,9 @@ class CheckpointManager:
             return self._in_flight
 
     def _capture(self, model) -> ModelSnapshot:
-        from ckptmgr.state import StatePlan
+        from ckptmgr.state import plan_for
 
-        if self._plan is None or not self._plan.is_current(model):
-            self._plan = StatePlan(model)
+        self._plan = plan_for(model, self._plan)
         return self._plan.capture(reuse_buffers=True)
 
     def _wait_for_previous(self, may_skip: bool = True) -> bool:
@@ -531,16 +531,14 @@ def _local_staging() -> Iterator[str]:
 
 
 def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        try:
-            import numpy as np
-
-            if isinstance(step, np.integer) and step >= 0:
-                return int(step)
-        except ImportError:  # pragma: no cover
-            pass
+    """An int >= 0 (numpy integers too); bools and floats are refused."""
+    try:
+        value = operator.index(step) if not isinstance(step, bool) else -1
+    except TypeError:
+        value = -1
+    if value < 0:
         raise ConfigError(f"Invalid step: Received: step={step!r}. Use an integer >= 0.")
-    return step
+    return value
 
 
 def _check_metadata(metrics, extra) -> tuple[dict[str, float], dict[str, Any]]:

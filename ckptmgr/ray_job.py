@@ -61,7 +61,7 @@ class TrainWorker:
             port = s.getsockname()[1]
         return f"{ray.util.get_node_ip_address()}:{port}"
 
-    def train(self, cfg_json: str, cluster: list[str]) -> dict[str, Any]:
+    def train(self, cfg_json: str, cluster: list[str], return_weights: bool = False) -> dict[str, Any]:
         if self.world_size > 1:
             os.environ["TF_CONFIG"] = json.dumps(
                 {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": self.rank}}
@@ -78,7 +78,8 @@ class TrainWorker:
             "preempted": callback.preempted,
             "final_loss": float(losses[-1]) if losses else None,
             "weights_sha256": weights_digest(model),
-            "weights": [w for w in model.get_weights()] if self.rank == 0 else None,
+            # Only on request (tests): a whole model's weights to the driver.
+            "weights": model.get_weights() if return_weights and self.rank == 0 else None,
         }
 
 
@@ -163,8 +164,10 @@ def run_on_ray(
     *,
     resume: bool,
     worker_resources: list[dict[str, float]] | None = None,
+    return_weights: bool = False,
 ) -> tuple[RayJobResult, list[Any] | None]:
-    """Run the example job on Ray; returns the result and rank 0's final weights.
+    """Run the example job on Ray; returns the result and, with
+    ``return_weights``, rank 0's final weights (else ``None``).
 
     ``worker_resources`` (one dict per rank) places ranks on chosen nodes.
     """
@@ -193,7 +196,7 @@ def run_on_ray(
         workers.append(worker_cls.options(**options).remote(rank, cfg.ray.num_workers))
     try:
         cluster = ray.get([w.address.remote() for w in workers])
-        refs = [w.train.remote(cfg.model_dump_json(), cluster) for w in workers]
+        refs = [w.train.remote(cfg.model_dump_json(), cluster, return_weights) for w in workers]
         results = _wait_all(refs, workers)
     finally:
         for w in workers:

@@ -16,6 +16,7 @@ separately as a small JSON-able :class:`TrainingState`.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import random
@@ -74,6 +75,7 @@ def _is_optimizer(obj) -> bool:
     return isinstance(obj, BaseOptimizer)
 
 
+@functools.lru_cache(maxsize=None)
 def _recording_store_class():
     from keras.src.saving import saving_lib
 
@@ -268,6 +270,11 @@ def _copy_all(copies: list[tuple[np.ndarray, np.ndarray]]) -> None:
 
         _copy_pool = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="ckptmgr-copy")
     list(_copy_pool.map(lambda pair: np.copyto(*pair), pieces))
+
+
+def plan_for(model, plan: "StatePlan | None" = None) -> "StatePlan":
+    """``plan`` if it still describes ``model``, else a new one."""
+    return plan if plan is not None and plan.is_current(model) else StatePlan(model)
 
 
 def _variable_signature(model) -> tuple[int, int]:
