@@ -456,9 +456,9 @@ class _Null(io.RawIOBase):
 
 def profile(ctx: Context) -> None:
     from ckptmgr import CheckpointManager
-    from ckptmgr.archive import _h5_skeleton, open_weights, write_keras_archive
+    from ckptmgr.io.archive import _h5_skeleton, open_weights, write_keras_archive
     from ckptmgr.state import StatePlan, apply_weights
-    from ckptmgr.storage import HashingWriter
+    from ckptmgr.io.storage import HashingWriter
 
     model = _need_model(ctx)
     report = ctx.report

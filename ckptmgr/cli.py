@@ -26,10 +26,11 @@ from typing import Any, Optional
 
 import typer
 
-from ckptmgr.errors import CheckpointNotFoundError, CkptmgrError, ConfigError
+from ckptmgr.errors import CheckpointNotFoundError, CkptmgrError, ConfigError, CorruptCheckpointError
 from ckptmgr.manager import CheckpointManager, Progress
-from ckptmgr.manifest import Manifest
-from ckptmgr.storage import parse_storage_options
+from ckptmgr.io.manifest import Manifest
+from ckptmgr.io.backend_errors import is_backend_error, quiet_backend_logs
+from ckptmgr.io.storage import parse_storage_options
 
 app = typer.Typer(
     name="ckptmgr",
@@ -72,6 +73,7 @@ def _root(
     logger.handlers[:] = [handler]
     logger.propagate = False
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    quiet_backend_logs(debug)
 
 
 # -- helpers ------------------------------------------------------------------
@@ -162,7 +164,7 @@ def _manifest_row(manager: CheckpointManager, m: Manifest, pinned: set[int]) -> 
     loop = m.loop
     return {
         "step": m.step,
-        "path": manager.storage.archive_url(m.step),
+        "path": manager.storage.url_of(m.archive),
         "bytes": m.archive_entry.bytes,
         "created": m.created.isoformat(),
         "metrics": dict(m.metrics),
@@ -228,11 +230,15 @@ def inspect(
     Reads only the archive's config.json and weight shapes; does not build the
     model or verify checksums (use `ckptmgr verify`).
     """
-    from ckptmgr.archive import open_weights, read_json_member
+    from ckptmgr.io.archive import check_layout, open_weights, read_json_member
 
     manager = _manager(url, storage_option)
     m = manager.manifest(step)
-    with manager.storage.open_archive(m.step) as f:
+    with manager.storage.open_archive(m.archive) as f:
+        try:
+            check_layout(f, manager.storage.file_size(m.archive))
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"step {m.step}: {m.archive}: {exc}") from None
         config = read_json_member(f, "config.json")
         with open_weights(f) as h5:
             counts = _weight_counts(h5)
@@ -315,7 +321,7 @@ def _optimizer_summary(config: dict[str, Any]) -> dict[str, Any] | None:
 
 def _print_inspect(manager, m: Manifest, pinned: bool, model, optimizer) -> None:
     _out(f"checkpoint   step {m.step}")
-    _out(f"path         {manager.storage.archive_url(m.step)}")
+    _out(f"path         {manager.storage.url_of(m.archive)}")
     _out(f"created      {_when(m.created)}")
     _out(f"keras        {m.keras_version or '?'} (manifest schema {m.schema_version})")
     _out(f"pinned       {'yes' if pinned else 'no'}")
@@ -391,6 +397,7 @@ def export(
     fmt: ExportFormat = typer.Option(..., "--format", "-f", help="weights (.weights.h5), keras (.keras) or savedmodel (directory)."),
     step: Optional[int] = typer.Option(None, "--step", help=STEP_HELP),
     unsafe: bool = typer.Option(False, "--unsafe", help="savedmodel: allow Python lambdas (only for checkpoints you trust)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at the destination."),
     storage_option: Optional[list[str]] = StorageOpt,
     dest_option: Optional[list[str]] = typer.Option(
         None, "--dest-option", metavar="KEY=VALUE",
@@ -401,7 +408,7 @@ def export(
     manager = _manager(url, storage_option)
     dest_options = _dest_options(url, output, storage_option, dest_option)
     if fmt is ExportFormat.savedmodel:
-        kwargs: dict[str, Any] = {"storage_options": dest_options}
+        kwargs: dict[str, Any] = {"storage_options": dest_options, "overwrite": overwrite}
         if unsafe:
             import inspect as _inspect
 
@@ -415,7 +422,7 @@ def export(
     else:
         method = manager.export_weights if fmt is ExportFormat.weights else manager.export_keras
         with _progress("export") as progress:
-            done = method(output, step, storage_options=dest_options, progress=progress)
+            done = method(output, step, storage_options=dest_options, progress=progress, overwrite=overwrite)
     _out(f"exported {fmt.value} to {done}")
 
 
@@ -577,10 +584,15 @@ def main(argv: list[str] | None = None) -> int:
     _state["debug"] = False
     try:
         app(args=argv, prog_name="ckptmgr")
-    except (CkptmgrError, OSError, ValueError) as exc:
+    except (CkptmgrError, OSError, ValueError, ArithmeticError) as exc:
         if _state["debug"]:
             raise
         typer.echo(f"error: {_first_line(exc)}", err=True)
+        return 1
+    except Exception as exc:  # a storage library's own error that escaped translation
+        if _state["debug"] or not is_backend_error(exc):
+            raise
+        typer.echo(f"error: storage failed: {_first_line(exc)}", err=True)
         return 1
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 from ckptmgr.errors import DistributedSaveError
 from ckptmgr.manager import CheckpointManager
-from ckptmgr.manifest import LoopState
+from ckptmgr.io.manifest import LoopState
 
 log = logging.getLogger("ckptmgr")
 
@@ -290,7 +290,7 @@ class _RayMetrics:
 
 def gather_shards(step: int, by_rank: dict[int, dict]) -> dict[str, Any]:
     """Order every sharded dataset's row ranges; refuse gaps and overlaps."""
-    from ckptmgr.archive import RowShards
+    from ckptmgr.io.archive import RowShards
 
     paths = {path for shards in by_rank.values() for path in shards}
     gathered = {}
@@ -312,7 +312,7 @@ def gather_shards(step: int, by_rank: dict[int, dict]) -> dict[str, Any]:
 
 def with_shards(snapshot, shards: dict[str, Any]):
     """The snapshot with each sharded dataset replaced by its gathered rows."""
-    from ckptmgr.archive import ModelSnapshot, VarGroup
+    from ckptmgr.io.archive import ModelSnapshot, VarGroup
 
     groups = []
     for group in snapshot.groups:

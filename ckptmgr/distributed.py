@@ -38,7 +38,7 @@ from ckptmgr.coordinator import (
 )
 from ckptmgr.errors import DistributedSaveError
 from ckptmgr.manager import CheckpointManager
-from ckptmgr.manifest import LoopState, Manifest
+from ckptmgr.io.manifest import LoopState, Manifest
 
 log = logging.getLogger("ckptmgr")
 

@@ -37,7 +37,18 @@ class CheckpointExistsError(CkptmgrError, FileExistsError):
 
 
 class CorruptCheckpointError(CkptmgrError):
-    """A checkpoint's archive or manifest fails verification."""
+    """A checkpoint's archive or manifest fails verification (checksum, size,
+    layout). Only this error makes a restore fall back to an older checkpoint."""
+
+
+class IncompatibleCheckpointError(CkptmgrError, ValueError):
+    """A checkpoint that verifies does not fit the model or its code (another
+    architecture, an unbuilt model, a layer whose own loading code fails).
+    Never a reason to fall back: an older checkpoint would not fit either."""
+
+
+class WriterFencedError(CkptmgrError, RuntimeError):
+    """Another process claimed the checkpoint directory; this writer must stop."""
 
 
 class UnsupportedModelError(CkptmgrError, ValueError):

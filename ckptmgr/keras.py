@@ -32,7 +32,7 @@ from ckptmgr.distributed import (
 )
 from ckptmgr.errors import ConfigError
 from ckptmgr.manager import CheckpointManager
-from ckptmgr.manifest import LoopState, Manifest
+from ckptmgr.io.manifest import LoopState, Manifest
 from ckptmgr.state import TrainingState, apply_training_state, capture_training_state
 
 log = logging.getLogger("ckptmgr")

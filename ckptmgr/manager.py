@@ -26,19 +26,23 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from ckptmgr import faults
-from ckptmgr.archive import ModelSnapshot, open_weights, write_keras_archive, write_weights_only
 from ckptmgr.errors import (
+    CheckpointExistsError,
     CheckpointNotFoundError,
     CkptmgrError,
     ConfigError,
     CorruptCheckpointError,
-    SaveInProgressError,
+    IncompatibleCheckpointError,
     UnknownCustomObjectError,
     UnsafeCheckpointError,
 )
-from ckptmgr.manifest import FileEntry, LoopState, Manifest, SaveStats, now_utc
-from ckptmgr.retention import CheckpointInfo, RetentionDecision, RetentionPolicy
-from ckptmgr.storage import CHUNK_BYTES, Storage, archive_name, copy_to_destination
+from ckptmgr.io.archive import ModelSnapshot, check_layout, open_weights, write_keras_archive, write_weights_only
+from ckptmgr.io.destination import copy_to_destination
+from ckptmgr.io.layout import archive_name, manifest_name, new_attempt_id
+from ckptmgr.io.lease import WriterLease
+from ckptmgr.io.manifest import FileEntry, LoopState, Manifest, SaveStats, WriterInfo, now_utc
+from ckptmgr.io.storage import Storage
+from ckptmgr.retention import CheckpointInfo, RetentionDecision, RetentionPolicy, check_grace
 
 log = logging.getLogger("ckptmgr")
 
@@ -72,8 +76,11 @@ class CheckpointManager:
         retention: a ready :class:`RetentionPolicy` instead of the options.
         on_busy: what a non-blocking save does while the previous one is still
             writing: ``"wait"`` (default) or ``"skip"``.
-        sweep_grace_s: leftovers of interrupted writes older than this are
-            removed when pruning.
+        sweep_grace_s: leftovers of interrupted writes older than this (and
+            older than the newest manifest) are removed when pruning.
+
+    The first save claims the directory's writer lease (see
+    :mod:`ckptmgr.io.lease`); a writer that claimed it before is fenced.
     """
 
     def __init__(
@@ -105,7 +112,8 @@ class CheckpointManager:
                 f"Invalid on_busy: Received: on_busy={on_busy!r}. Use 'wait' or 'skip'."
             )
         self.on_busy = on_busy
-        self.sweep_grace_s = sweep_grace_s
+        self.sweep_grace_s = check_grace(sweep_grace_s)
+        self.lease = WriterLease(self.storage)
         self._plan = None
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: Future | None = None
@@ -129,23 +137,38 @@ class CheckpointManager:
 
     def manifest(self, step: int | None = None) -> Manifest:
         step = self._resolve_step(step)
-        data = self.storage.read_manifest_bytes(step)
-        where = f"step {step}: {archive_name(step)[:-6]}.json"
+        return self._read_manifest(step)
+
+    def _read_manifest(self, step: int) -> Manifest:
+        where = f"step {step}: {manifest_name(step)}"
+        try:
+            data = self.storage.read_manifest_bytes(step)
+        except CorruptCheckpointError as exc:  # not a regular file, a symlink...
+            raise CorruptCheckpointError(f"{where}: {exc}") from None
         manifest = Manifest.from_bytes(data, where=where)
-        if manifest.step != step or manifest.archive != archive_name(step):
-            raise CorruptCheckpointError(
-                f"{where}: manifest describes step {manifest.step} ({manifest.archive})."
-            )
+        if manifest.step != step:
+            raise CorruptCheckpointError(f"{where}: manifest describes step {manifest.step}.")
         return manifest
 
+    def archive_url(self, step: int | None = None) -> str:
+        """URL of the archive of ``step`` (default: newest), as its manifest names it."""
+        return self.storage.url_of(self.manifest(step).archive)
+
+    def local_archive_path(self, step: int | None = None) -> str | None:
+        """A path stock Keras can open directly, when storage is local disk."""
+        return self.storage.local_path_of(self.manifest(step).archive)
+
     def manifests(self) -> list[Manifest]:
-        """Manifests of every committed step that parses (bad ones are logged)."""
+        """Manifests of every committed step that parses (bad ones are logged,
+        ones deleted meanwhile by a concurrent prune are skipped)."""
         found = []
         for step in self.steps():
             try:
-                found.append(self.manifest(step))
+                found.append(self._read_manifest(step))
+            except CheckpointNotFoundError:
+                continue
             except CorruptCheckpointError as exc:
-                log.warning("%s", exc)
+                log.warning("ckptmgr: %s", exc)
         return found
 
     def _resolve_step(self, step: int | None) -> int:
@@ -258,10 +281,17 @@ class CheckpointManager:
         """Stream ``snapshot`` to storage, commit its manifest, then prune.
 
         Runs wherever the snapshot is (worker thread or coordinator); needs no
-        TensorFlow.
+        TensorFlow. Raises ``WriterFencedError`` once another process claimed
+        the directory. Pruning after the commit never makes the save fail.
         """
+        lease = self.lease.ensure(f"saving step {step}")
+        existing = self._committed_by_other_writer(step, lease.token)
+        if existing is not None:
+            return existing
         started = time.perf_counter()
-        with self.storage.open_archive_writer(step) as writer:
+        attempt = new_attempt_id()
+        name = archive_name(step, attempt)
+        with self.storage.open_archive_writer(name) as writer:
             write_keras_archive(writer, snapshot, scratch_dir=self.storage.scratch_dir())
         write_s = time.perf_counter() - started
         size = writer.bytes_written
@@ -269,8 +299,10 @@ class CheckpointManager:
             step=step,
             created=now_utc(),
             keras_version=_keras_version(snapshot),
-            archive=archive_name(step),
-            files={archive_name(step): FileEntry(bytes=size, sha256=writer.hexdigest())},
+            archive=name,
+            attempt=attempt,
+            writer=WriterInfo(token=lease.token, owner=lease.owner),
+            files={name: FileEntry(bytes=size, sha256=writer.hexdigest())},
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             extra=dict(extra or {}),
             loop=loop,
@@ -285,20 +317,102 @@ class CheckpointManager:
         if pin:
             self.storage.write_pin(step, True)
         faults.crash_point("before_manifest")
-        self.storage.write_manifest(step, manifest.to_bytes())
+        self.lease.check(f"committing step {step}")
+        committed = self._commit(manifest)
+        if committed is not manifest:
+            return committed
         log.info(
             "ckptmgr: saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
             step, size, blocked_s, write_s, manifest.stats.mb_per_s,
         )
         if prune and not self.retention.is_empty():
-            self.prune()
+            self._prune_after_save(step)
         return manifest
+
+    def _commit(self, manifest: Manifest) -> Manifest:
+        """Create the manifest; a lost response is resolved by reading it back.
+
+        Returns ``manifest`` when ours is committed, or the other writer's
+        manifest when another attempt committed the step first (ours is then
+        removed again).
+        """
+        step = manifest.step
+        try:
+            self.storage.write_manifest(step, manifest.to_bytes())
+            return manifest
+        except CheckpointExistsError:
+            pass
+        try:
+            there = self._read_manifest(step)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            raise CheckpointExistsError(
+                f"Checkpoint step {step} exists under {self.directory} but cannot be read "
+                f"({exc}); delete it (ckptmgr prune or by hand) to save this step again."
+            ) from None
+        if there.attempt == manifest.attempt:
+            log.info("ckptmgr: step %d: the commit's response was lost; read back, it is ours", step)
+            return manifest
+        self._discard_attempt(manifest.archive)
+        return self._other_writers_step(there)
+
+    def _committed_by_other_writer(self, step: int, token: int) -> Manifest | None:
+        """The manifest of ``step`` if an earlier writer committed it, else None.
+
+        Our own lease saving a step twice is a caller's mistake and raises.
+        """
+        if not self.storage.is_committed(step):
+            return None
+        try:
+            there = self._read_manifest(step)
+        except CheckpointNotFoundError:
+            return None
+        except CorruptCheckpointError:
+            there = None
+        if there is not None and (there.writer is None or there.writer.token != token):
+            return self._other_writers_step(there)
+        raise CheckpointExistsError(
+            f"Checkpoint step {step} already exists under {self.directory}; "
+            "steps are never overwritten. Delete it first or use a new step."
+        )
+
+    def _other_writers_step(self, there: Manifest) -> Manifest:
+        who = f"lease {there.writer.token} ({there.writer.owner})" if there.writer else "an earlier run"
+        log.warning(
+            "ckptmgr: step %d was already committed by %s under %s; keeping that "
+            "checkpoint, this save of the step is dropped", there.step, who, self.directory,
+        )
+        return there
+
+    def _discard_attempt(self, name: str) -> None:
+        try:
+            self.storage.delete_archive(name)
+        except CkptmgrError as exc:  # left as an orphan; swept later
+            log.debug("ckptmgr: could not remove %s: %s", name, exc)
+
+    def _prune_after_save(self, step: int) -> None:
+        try:
+            self.prune()
+        except CkptmgrError as exc:  # fenced meanwhile, storage hiccup: the next save tells
+            log.warning("ckptmgr: step %d is saved; pruning after it failed: %s", step, exc)
 
     # -- integrity ---------------------------------------------------------------
     def verify(self, step: int | None = None, *, progress: Progress | None = None) -> list[VerifyResult]:
-        """Recompute checksums of one step, or of every committed step."""
-        steps = [self._resolve_step(step)] if step is not None else self.steps()
-        return [self._verify_one(s, progress) for s in steps]
+        """Recompute checksums of one step, or of every committed step.
+
+        Checking every step also reports orphans: archives whose step has no
+        manifest (an interrupted write, or a manifest deleted by hand). They
+        are not restorable and are swept once older than the grace time.
+        """
+        if step is not None:
+            return [self._verify_one(self._resolve_step(step), progress)]
+        steps = self.steps()
+        results = [self._verify_one(s, progress) for s in steps]
+        committed = set(steps)
+        for orphan in sorted({a.step for a in self.storage.archives()} - committed):
+            results.append(VerifyResult(orphan, False, (
+                f"step {orphan}: orphan archive without a manifest (an interrupted "
+                "write or a deleted manifest); not restorable, swept after the grace time")))
+        return sorted(results, key=lambda r: r.step)
 
     def _verify_one(self, step: int, progress: Progress | None = None) -> VerifyResult:
         try:
@@ -309,19 +423,23 @@ class CheckpointManager:
         return VerifyResult(step, True)
 
     def _check_archive(self, manifest: Manifest, sink, progress: Progress | None = None) -> None:
-        """Stream the archive once, hashing it (and copying it into ``sink``)."""
+        """Stream the archive once, hashing it (and copying it into ``sink``);
+        then check its members (local files only: remote ones are checked
+        after download, see :meth:`verified_archive`)."""
         step, name, entry = manifest.step, manifest.archive, manifest.archive_entry
         try:
-            size = self.storage.archive_size(step)
+            size = self.storage.file_size(name)
         except CheckpointNotFoundError:
             raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"step {step}: {exc}") from None
         if size != entry.bytes:
             raise CorruptCheckpointError(
                 f"step {step}: {name} is truncated or altered "
                 f"({size} bytes, manifest says {entry.bytes})"
             )
         digest = hashlib.sha256()
-        for chunk in self.storage.iter_archive_chunks(step):
+        for chunk in self.storage.iter_archive_chunks(name):
             digest.update(chunk)
             if sink is not None:
                 sink.write(chunk)
@@ -332,12 +450,15 @@ class CheckpointManager:
                 f"step {step}: {name} is corrupt (sha256 {digest.hexdigest()[:12]}..., "
                 f"manifest says {entry.sha256[:12]}...)"
             )
+        local = self.storage.local_path_of(name)
+        if local is not None:
+            _check_members(local, step)
 
     @contextmanager
     def verified_archive(self, step: int | None = None, *, progress: Progress | None = None) -> Iterator[tuple[Manifest, str]]:
         """A local path to a verified archive of ``step`` (downloaded if remote)."""
         manifest = self.manifest(step)
-        local = self.storage.local_archive_path(manifest.step)
+        local = self.storage.local_path_of(manifest.archive)
         if local is not None:
             self._check_archive(manifest, sink=None, progress=progress)
             yield manifest, local
@@ -346,6 +467,7 @@ class CheckpointManager:
         try:
             with os.fdopen(fd, "wb") as sink:
                 self._check_archive(manifest, sink=sink, progress=progress)
+            _check_members(tmp, manifest.step)
             yield manifest, tmp
         finally:
             os.remove(tmp)
@@ -355,40 +477,51 @@ class CheckpointManager:
         """``use(manifest, local_path)`` on a checkpoint that verifies.
 
         Explicit step: that one or an error. Otherwise the newest that verifies;
-        corrupt newer ones are skipped with a warning. By default the checksum
-        is checked before ``use`` runs, so a corrupt checkpoint never touches
-        anything. With ``overlap`` (only for a ``use`` without side effects,
-        like building a new model) the checksum runs in a thread while ``use``
-        reads the same local file, about one pass instead of two; the result is
-        returned only once the checksum has matched.
+        corrupt newer ones are skipped with a warning naming both steps. Only
+        corruption falls back: if ``use`` fails on a verified archive (model
+        code, another architecture) the error is raised, since an older
+        checkpoint would not fit either. By default the checksum is checked
+        before ``use`` runs, so a corrupt checkpoint never touches anything.
+        With ``overlap`` (only for a ``use`` without side effects, like building
+        a new model) the checksum runs in a thread while ``use`` reads the same
+        local file, about one pass instead of two; the result is returned only
+        once the checksum has matched.
         """
         candidates = [self._resolve_step(step)] if step is not None else list(reversed(self.steps()))
         if not candidates:
             self._resolve_step(None)  # raises a clear not-found error
-        problems = []
+        problems: list[tuple[int, str]] = []
         for candidate in candidates:
             try:
-                return self._use_verified(candidate, use, problems, overlap)
+                result = self._use_verified(candidate, use, overlap)
             except CorruptCheckpointError as exc:
                 if step is not None:
                     raise
-                problems.append(_one_line(exc, candidate))
-                log.warning("ckptmgr: %s; falling back to an older checkpoint", problems[-1])
+                problems.append((candidate, _one_line(exc, candidate)))
+                log.warning("ckptmgr: %s", problems[-1][1])
+                continue
+            except CheckpointNotFoundError:
+                if step is not None:
+                    raise
+                continue  # pruned meanwhile
+            if problems:
+                log.warning(
+                    "ckptmgr: fell back from step %d to step %d, the newest checkpoint that verifies",
+                    problems[0][0], candidate,
+                )
+            return result
         raise CorruptCheckpointError(
-            f"No checkpoint under {self.directory} verifies: " + "; ".join(problems)
+            f"No checkpoint under {self.directory} verifies: " + "; ".join(p for _, p in problems)
         )
 
-    def _use_verified(self, step: int, use, problems: list[str], overlap: bool) -> tuple[Manifest, Any]:
+    def _use_verified(self, step: int, use, overlap: bool) -> tuple[Manifest, Any]:
         manifest = self.manifest(step)
-        local = self.storage.local_archive_path(step)
+        local = self.storage.local_path_of(manifest.archive)
         if local is None or not overlap:  # remote: download while hashing, then use
             with self.verified_archive(step) as (_, path):
-                result = use(manifest, path)
-        else:
-            result = self._use_while_hashing(manifest, local, use)
-        if problems:
-            log.warning("ckptmgr: restoring step %d, the newest checkpoint that verifies", step)
-        return manifest, result
+                return manifest, _incompatible_if_raises(use, manifest, path)
+        _check_members(local, step)  # before Keras extracts anything
+        return manifest, self._use_while_hashing(manifest, local, use)
 
     def _use_while_hashing(self, manifest: Manifest, path: str, use):
         outcome: dict[str, BaseException] = {}
@@ -402,7 +535,7 @@ class CheckpointManager:
         checker = threading.Thread(target=check, name="ckptmgr-verify")
         checker.start()
         try:
-            result = use(manifest, path)
+            result = _incompatible_if_raises(use, manifest, path)
         except Exception:
             checker.join()
             if "error" in outcome:  # the data was bad: report that, not its symptom
@@ -424,10 +557,14 @@ class CheckpointManager:
         """Load weights and optimizer state into an existing, built ``model``.
 
         With ``step=None`` the newest checkpoint that verifies is used; corrupt
-        newer ones are skipped with a warning. Returns the restored manifest
-        (its ``loop`` says where training continues).
+        newer ones are skipped with a warning. A checkpoint that verifies but
+        does not fit the model raises ``IncompatibleCheckpointError`` (no
+        fallback). Returns the restored manifest (its ``loop`` says where
+        training continues).
         """
-        from ckptmgr.state import apply_weights
+        from ckptmgr.state import apply_weights, require_built
+
+        require_built(model)
 
         def apply(manifest: Manifest, path: str) -> None:
             with open(path, "rb") as f, open_weights(f) as h5:
@@ -448,12 +585,9 @@ class CheckpointManager:
         import keras
 
         def build(manifest: Manifest, path: str):
-            try:
-                return keras.saving.load_model(
-                    path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
-                )
-            except (TypeError, ValueError) as exc:
-                raise _loading_error(exc, manifest.step) from None
+            return keras.saving.load_model(
+                path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
+            )
 
         _, model = self._first_good(step, build, overlap=True)
         return model
@@ -465,60 +599,82 @@ class CheckpointManager:
 
     def plan_prune(self, retention: RetentionPolicy | None = None, now: datetime | None = None) -> RetentionDecision:
         policy = retention or self.retention
+        return policy.decide(self._infos(self.manifests()), now or now_utc())
+
+    def _infos(self, manifests: list[Manifest]) -> list[CheckpointInfo]:
         pinned = self.storage.pinned_steps()
-        infos = [
-            CheckpointInfo(m.step, m.created, m.metrics, m.step in pinned)
-            for m in self.manifests()
-        ]
-        return policy.decide(infos, now or now_utc())
+        return [CheckpointInfo(m.step, m.created, m.metrics, m.step in pinned) for m in manifests]
 
     def prune(self, dry_run: bool = False, retention: RetentionPolicy | None = None) -> PruneReport:
         """Delete what the retention policy does not keep; never the newest.
 
         Deletion removes the manifest first, so a crash mid-prune leaves only an
         unlisted orphan (swept later), never a listed checkpoint without data.
+        A writer checks its lease before deleting: a fenced one deletes nothing.
         """
-        decision = self.plan_prune(retention)
+        manifests = self.manifests()
+        decision = (retention or self.retention).decide(self._infos(manifests), now_utc())
         if dry_run:
             return PruneReport(decision, (), True)
         newest = self.latest_step()
         deleted = []
         for step in decision.delete:
-            if step == newest:  # belt and braces: the policy already keeps it
+            if newest is None or step >= newest:  # belt and braces: the policy keeps it
                 continue
+            self.lease.check(f"pruning step {step}")
             self.storage.delete(step)
             deleted.append(step)
         if deleted:
             log.info("ckptmgr: pruned steps %s", _short_list(deleted))
-        self.storage.sweep(self.sweep_grace_s)
+        self.lease.check("sweeping leftovers")
+        self.storage.sweep(self.sweep_grace_s, keep=self._claimed_archives(manifests))
         return PruneReport(decision, tuple(deleted), False)
 
+    def _claimed_archives(self, manifests: list[Manifest]) -> set[str]:
+        """Archive names sweeping must leave: named by a manifest, or of a step
+        whose manifest could not be read (never delete what might be data)."""
+        readable = {m.step for m in manifests}
+        keep = {m.archive for m in manifests if m.step in set(self.steps())}
+        unreadable = set(self.steps()) - readable
+        keep |= {archive_name(a.step, a.attempt) for a in self.storage.archives() if a.step in unreadable}
+        return keep
+
     # -- exporting ----------------------------------------------------------------------
-    def export_weights(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None) -> str:
+    def export_weights(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None, overwrite: bool = False) -> str:
         """Write a weights-only ``.weights.h5`` that ``model.load_weights`` accepts."""
         if not str(path).endswith(".weights.h5"):
             raise ConfigError(
                 f"Invalid export path: Received: path={path!r}. Keras requires "
                 "weights files to end with '.weights.h5'."
             )
+        self._check_destination(path)
         with self.verified_archive(step, progress=progress) as (_, archive), _local_staging() as tmp:
             out = os.path.join(tmp, "model.weights.h5")
             with open(archive, "rb") as f:
                 write_weights_only(f, out)
-            return copy_to_destination(out, str(path), storage_options)
+            return copy_to_destination(out, str(path), storage_options, overwrite=overwrite)
 
-    def export_keras(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None) -> str:
+    def export_keras(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None, overwrite: bool = False) -> str:
         """Copy a verified ``.keras`` archive out of the checkpoint directory."""
+        self._check_destination(path)
         with self.verified_archive(step, progress=progress) as (_, archive):
-            return copy_to_destination(archive, str(path), storage_options)
+            return copy_to_destination(archive, str(path), storage_options, overwrite=overwrite)
 
-    def export_saved_model(self, path: str, step: int | None = None, *, custom_objects=None, storage_options: dict[str, Any] | None = None, safe_mode: bool = True, progress: Progress | None = None) -> str:
+    def export_saved_model(self, path: str, step: int | None = None, *, custom_objects=None, storage_options: dict[str, Any] | None = None, safe_mode: bool = True, progress: Progress | None = None, overwrite: bool = False) -> str:
         """Export a TensorFlow SavedModel for serving (Keras ``model.export``)."""
+        self._check_destination(path)
         model = self.load(step, custom_objects, compile=False, safe_mode=safe_mode)
         with _local_staging() as tmp:
             out = os.path.join(tmp, "saved_model")
             model.export(out, format="tf_saved_model", verbose=False)
-            return copy_to_destination(out, str(path), storage_options)
+            return copy_to_destination(out, str(path), storage_options, overwrite=overwrite)
+
+    def _check_destination(self, path: str) -> None:
+        if self.storage.contains(str(path)):
+            raise ConfigError(
+                f"Invalid export destination: Received: {path!r}, inside the checkpoint "
+                f"directory {self.directory}. Export outside it; checkpoints are never overwritten."
+            )
 
 
 @contextmanager
@@ -579,6 +735,24 @@ def _short_list(steps: list[int]) -> str:
     return shown if len(steps) <= 10 else f"... {shown}"
 
 
+def _check_members(path: str, step: int) -> None:
+    with open(path, "rb") as f:
+        try:
+            check_layout(f, os.fstat(f.fileno()).st_size)
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"step {step}: {exc}") from None
+
+
+def _incompatible_if_raises(use: Callable[[Manifest, str], Any], manifest: Manifest, path: str) -> Any:
+    """Run ``use`` on a verified archive; its failures are the model's, not the data's."""
+    try:
+        return use(manifest, path)
+    except CkptmgrError:
+        raise
+    except Exception as exc:
+        raise _loading_error(exc, manifest.step) from exc
+
+
 def _loading_error(exc: Exception, step: int) -> CkptmgrError:
     text = str(exc)
     if "Could not locate" in text or "custom_objects" in text and "not found" in text:
@@ -594,4 +768,8 @@ def _loading_error(exc: Exception, step: int) -> CkptmgrError:
             f"step {step}: the model contains a Python lambda, refused by safe_mode. "
             "Load with safe_mode=False (CLI: --unsafe) only if you trust its source."
         )
-    return CorruptCheckpointError(f"step {step}: cannot rebuild the model: {text.splitlines()[0]}")
+    first = text.strip().splitlines()[0][:300] if text.strip() else ""
+    return IncompatibleCheckpointError(
+        f"step {step}: the checkpoint verifies, but the model's code cannot load it: "
+        f"{type(exc).__name__}: {first}"
+    )

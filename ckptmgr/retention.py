@@ -20,6 +20,7 @@ from ckptmgr.errors import ConfigError
 _UNIT_SECONDS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
 _DURATION_RE = re.compile(r"(?:\d+[smhdw])+")
 _PART_RE = re.compile(r"(\d+)([smhdw])")
+_MAX_DURATION_S = 100 * 365 * 86400
 
 
 def _invalid(name: str, value: object, fix: str) -> ConfigError:
@@ -91,7 +92,7 @@ class KeepEveryNSteps:
 
 @dataclass(frozen=True)
 class KeepBest:
-    """Keep the best ``n`` by ``metric``; missing or NaN values never count.
+    """Keep the best ``n`` by ``metric``; missing, NaN or infinite values never count.
 
     Ties go to the newer step, so the most trained of equal models survives.
     """
@@ -117,7 +118,7 @@ class KeepBest:
         scored = [
             (sign * float(c.metrics[self.metric]), -c.step)
             for c in ckpts
-            if c.metrics.get(self.metric) is not None and not math.isnan(c.metrics[self.metric])
+            if c.metrics.get(self.metric) is not None and math.isfinite(c.metrics[self.metric])
         ]
         return {-neg_step for _, neg_step in sorted(scored)[: self.n]}
 
@@ -232,7 +233,24 @@ def parse_duration(text: str, *, option: str = "keep_within") -> timedelta:
             f"Invalid duration: Received: {option}={text!r}. "
             "Use a number followed by s, m, h, d or w, e.g. '7d'."
         )
-    return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in _PART_RE.findall(cleaned)))
+    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _PART_RE.findall(cleaned))
+    if seconds > _MAX_DURATION_S:
+        raise ConfigError(
+            f"Invalid duration: Received: {option}={text!r}, longer than 100 years. "
+            "Use a shorter window, e.g. '365d'."
+        )
+    return timedelta(seconds=seconds)
+
+
+def check_grace(value: object, option: str = "sweep_grace_s") -> float:
+    """A finite number of seconds >= 0 (leftovers younger than it are kept)."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0:
+        raise _invalid(option, value, "Use a number of seconds >= 0, e.g. 3600.")
+    return seconds
 
 
 def format_duration(td: timedelta) -> str:

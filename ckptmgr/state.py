@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ckptmgr.archive import ModelSnapshot, VarGroup
-from ckptmgr.errors import UnsupportedModelError
+from ckptmgr.io.archive import ModelSnapshot, VarGroup
+from ckptmgr.errors import IncompatibleCheckpointError, UnsupportedModelError
 
 
 def _keras():
@@ -349,13 +349,27 @@ def apply_weights(model, h5file) -> None:
         error_msgs=errors,
     )
     if failed:
-        first = next(iter(errors.values()))
-        from ckptmgr.errors import CorruptCheckpointError
-
-        raise CorruptCheckpointError(
-            f"The checkpoint does not fit this model: {first[0].name!r}: {first[1]}. "
+        obj, error = next(iter(errors.values()))
+        name = getattr(obj, "name", type(obj).__name__)
+        raise IncompatibleCheckpointError(
+            f"The checkpoint does not fit this model: {name!r}: {_first_line(error)}. "
             "Restore into the same architecture that was saved."
         )
+
+
+def require_built(model) -> None:
+    """Restoring into an unbuilt model would load nothing: refuse it."""
+    if not getattr(model, "built", False) or not model.variables:
+        raise IncompatibleCheckpointError(
+            f"Cannot restore into model {getattr(model, 'name', model)!r}: it is not built "
+            "(it has no variables yet). Build it first, e.g. model.build(input_shape) or "
+            "call it on one batch, or use CheckpointManager.load() to get a new model."
+        )
+
+
+def _first_line(error: Any) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 # -- training-loop state that .keras files leave out -------------------------

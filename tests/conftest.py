@@ -80,8 +80,8 @@ class Backend:
         return fsspec.core.url_to_fs(url or self.url, skip_instance_cache=True, **options)
 
     def storage(self, url: str | None = None):
-        """A ``ckptmgr.storage.Storage`` on ``url`` (default: ``self.url``)."""
-        from ckptmgr.storage import Storage
+        """A ``ckptmgr.io.storage.Storage`` on ``url`` (default: ``self.url``)."""
+        from ckptmgr.io.storage import Storage
 
         return Storage(url or self.url, self.storage_options)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-# Must happen before gcsfs is imported anywhere (see ckptmgr.storage).
+# Must happen before gcsfs is imported anywhere (see ckptmgr.io.storage).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import socket  # noqa: E402

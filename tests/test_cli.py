@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ckptmgr import CheckpointManager
-from ckptmgr.manifest import LoopState
+from ckptmgr.io.manifest import LoopState
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = (10, 20, 30)

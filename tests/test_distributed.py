@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from ckptmgr import CheckpointManager  # noqa: E402
-from ckptmgr.archive import ModelSnapshot, VarGroup  # noqa: E402
+from ckptmgr.io.archive import ModelSnapshot, VarGroup  # noqa: E402
 from ckptmgr.config import apply_overrides, load_config  # noqa: E402
 from ckptmgr.coordinator import CoordinatorOptions, get_or_create, snapshot_digest  # noqa: E402
 from ckptmgr.errors import DistributedSaveError  # noqa: E402
@@ -300,7 +300,7 @@ def test_sharded_rows_are_gathered_from_every_rank(cluster, tmp_path):
     loaded = keras.saving.load_model(path)
     np.testing.assert_array_equal(loaded.layers[0].kernel.numpy(), kernels[0])
     with open(path, "rb") as f:
-        from ckptmgr.archive import open_weights
+        from ckptmgr.io.archive import open_weights
 
         with open_weights(f) as h5:
             assert isinstance(h5["layers/dense/vars/0"], h5py.Dataset)

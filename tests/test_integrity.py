@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 
 from ckptmgr import CheckpointManager, VerifyResult  # noqa: E402
 from ckptmgr.errors import CheckpointNotFoundError, CorruptCheckpointError  # noqa: E402
-from ckptmgr.storage import archive_name, manifest_name  # noqa: E402
+from ckptmgr.io.storage import archive_name, manifest_name  # noqa: E402
 
 STEPS = (1, 2, 3)
 

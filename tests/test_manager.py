@@ -35,7 +35,7 @@ from ckptmgr.errors import (  # noqa: E402
     CheckpointNotFoundError,
     ConfigError,
 )
-from ckptmgr.manifest import LoopState, Manifest  # noqa: E402
+from ckptmgr.io.manifest import LoopState, Manifest  # noqa: E402
 
 
 def make_model(width=4):

@@ -205,12 +205,61 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int) -> None:
 # -- reading ---------------------------------------------------------------
 
 
-def read_json_member(archive: BinaryIO, name: str) -> dict[str, Any]:
-    """Parse one JSON member (config or metadata) of an archive."""
+MAX_JSON_MEMBER_BYTES = 64 * 1024 * 1024  # config.json of a huge model is a few MB
+_REQUIRED = (METADATA_FILENAME, CONFIG_FILENAME, WEIGHTS_FILENAME)
+
+
+def check_layout(archive: BinaryIO, size: int) -> None:
+    """Refuse archives that are not what a ``.keras`` file holds.
+
+    Only ``metadata.json``, ``config.json``, ``model.weights.h5`` and
+    ``assets/...`` may be members (Keras would extract anything else);
+    declared sizes must fit in the file (stored) or a small bound (JSON).
+    Reads only the zip's central directory.
+    """
     try:
         with zipfile.ZipFile(archive) as zf:
-            return json.loads(zf.read(name))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"not a zip archive ({type(exc).__name__}: {exc})") from None
+    names = {info.filename for info in infos}
+    if len(names) != len(infos):
+        raise CorruptCheckpointError("the archive holds duplicate member names")
+    for info in infos:
+        _check_member(info, size)
+    missing = [n for n in _REQUIRED if n not in names]
+    if missing:
+        raise CorruptCheckpointError(f"the archive lacks {', '.join(missing)}")
+
+
+def _check_member(info: zipfile.ZipInfo, size: int) -> None:
+    name = info.filename
+    parts = name.split("/")
+    allowed = name in _REQUIRED or (parts[0] == "assets" and len(parts) > 1)
+    if not allowed or name.startswith("/") or ".." in parts or "\\" in name:
+        raise CorruptCheckpointError(
+            f"unexpected member {name[:80]!r}; a .keras archive holds only "
+            "metadata.json, config.json, model.weights.h5 and assets/"
+        )
+    if info.compress_size > size:
+        raise CorruptCheckpointError(f"member {name!r} claims {info.compress_size} bytes, more than the file")
+    stored = info.compress_type == zipfile.ZIP_STORED
+    limit = size if stored else MAX_JSON_MEMBER_BYTES
+    if (stored and info.file_size != info.compress_size) or info.file_size > limit:
+        raise CorruptCheckpointError(
+            f"member {name!r} declares {info.file_size} bytes unpacked; refused (zip bomb?)"
+        )
+
+
+def read_json_member(archive: BinaryIO, name: str) -> dict[str, Any]:
+    """Parse one JSON member (config or metadata); reads at most a bounded amount."""
+    try:
+        with zipfile.ZipFile(archive) as zf, zf.open(name) as member:
+            data = member.read(MAX_JSON_MEMBER_BYTES + 1)
+        if len(data) > MAX_JSON_MEMBER_BYTES:
+            raise ValueError(f"larger than {MAX_JSON_MEMBER_BYTES} bytes")
+        return json.loads(data)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, NotImplementedError) as exc:
         raise CorruptCheckpointError(
             f"Cannot read {name} from the archive: {type(exc).__name__}: {exc}"
         ) from None
