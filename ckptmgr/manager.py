@@ -313,7 +313,7 @@ class CheckpointManager:
                 mb_per_s=round(size / 1e6 / write_s, 3) if write_s > 0 else 0.0,
             ),
             world=dict(world or {}),
-        )
+        ).sealed()
         if pin:
             self.storage.write_pin(step, True)
         faults.crash_point("before_manifest")
@@ -450,9 +450,19 @@ class CheckpointManager:
                 f"step {step}: {name} is corrupt (sha256 {digest.hexdigest()[:12]}..., "
                 f"manifest says {entry.sha256[:12]}...)"
             )
-        local = self.storage.local_path_of(name)
-        if local is not None:
-            _check_members(local, step)
+        if self.storage.is_local:
+            self._check_members(manifest)
+
+    def _check_members(self, manifest: Manifest) -> None:
+        """The archive holds only what a ``.keras`` file holds (see ``check_layout``)."""
+        step, name = manifest.step, manifest.archive
+        try:
+            with self.storage.open_archive(name) as f:
+                check_layout(f, self.storage.file_size(name))
+        except CheckpointNotFoundError:
+            raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"step {step}: {name}: {exc}") from None
 
     @contextmanager
     def verified_archive(self, step: int | None = None, *, progress: Progress | None = None) -> Iterator[tuple[Manifest, str]]:
@@ -467,7 +477,7 @@ class CheckpointManager:
         try:
             with os.fdopen(fd, "wb") as sink:
                 self._check_archive(manifest, sink=sink, progress=progress)
-            _check_members(tmp, manifest.step)
+            _check_downloaded_members(tmp, manifest)
             yield manifest, tmp
         finally:
             os.remove(tmp)
@@ -520,7 +530,7 @@ class CheckpointManager:
         if local is None or not overlap:  # remote: download while hashing, then use
             with self.verified_archive(step) as (_, path):
                 return manifest, _incompatible_if_raises(use, manifest, path)
-        _check_members(local, step)  # before Keras extracts anything
+        self._check_members(manifest)  # before Keras extracts anything
         return manifest, self._use_while_hashing(manifest, local, use)
 
     def _use_while_hashing(self, manifest: Manifest, path: str, use):
@@ -626,15 +636,30 @@ class CheckpointManager:
             deleted.append(step)
         if deleted:
             log.info("ckptmgr: pruned steps %s", _short_list(deleted))
-        self.lease.check("sweeping leftovers")
-        self.storage.sweep(self.sweep_grace_s, keep=self._claimed_archives(manifests))
+        self.sweep()
         return PruneReport(decision, tuple(deleted), False)
+
+    def sweep(self, older_than_s: float | None = None) -> list[str]:
+        """Remove leftovers of interrupted writes; return their URLs.
+
+        Only files no manifest claims, older than ``older_than_s`` (default:
+        ``sweep_grace_s``) and older than the newest manifest, so an attempt
+        another writer has in flight survives.
+        """
+        grace = self.sweep_grace_s if older_than_s is None else check_grace(older_than_s, "older_than_s")
+        self.lease.check("sweeping leftovers")
+        return self.storage.sweep(grace, keep=self._claimed_archives(self.manifests()))
+
+    def leftovers(self, older_than_s: float | None = None) -> list[str]:
+        """What :meth:`sweep` would remove now (names relative to the directory)."""
+        grace = self.sweep_grace_s if older_than_s is None else check_grace(older_than_s, "older_than_s")
+        return self.storage.orphans(grace, keep=self._claimed_archives(self.manifests()))
 
     def _claimed_archives(self, manifests: list[Manifest]) -> set[str]:
         """Archive names sweeping must leave: named by a manifest, or of a step
         whose manifest could not be read (never delete what might be data)."""
         readable = {m.step for m in manifests}
-        keep = {m.archive for m in manifests if m.step in set(self.steps())}
+        keep = {m.archive for m in manifests}
         unreadable = set(self.steps()) - readable
         keep |= {archive_name(a.step, a.attempt) for a in self.storage.archives() if a.step in unreadable}
         return keep
@@ -735,12 +760,12 @@ def _short_list(steps: list[int]) -> str:
     return shown if len(steps) <= 10 else f"... {shown}"
 
 
-def _check_members(path: str, step: int) -> None:
+def _check_downloaded_members(path: str, manifest: Manifest) -> None:
     with open(path, "rb") as f:
         try:
             check_layout(f, os.fstat(f.fileno()).st_size)
         except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"step {step}: {exc}") from None
+            raise CorruptCheckpointError(f"step {manifest.step}: {manifest.archive}: {exc}") from None
 
 
 def _incompatible_if_raises(use: Callable[[Manifest, str], Any], manifest: Manifest, path: str) -> Any:

@@ -296,7 +296,7 @@ def test_sharded_rows_are_gathered_from_every_rank(cluster, tmp_path):
     np.testing.assert_array_equal(kernels[0], kernels[1])  # the true value, same on both
     manager = CheckpointManager(directory)
     assert manager.steps() == [5]  # digests agreed: sharded rows are left out of them
-    path = manager.storage.local_archive_path(5)
+    path = manager.local_archive_path(5)
     loaded = keras.saving.load_model(path)
     np.testing.assert_array_equal(loaded.layers[0].kernel.numpy(), kernels[0])
     with open(path, "rb") as f:

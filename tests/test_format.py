@@ -437,8 +437,8 @@ def test_round_trip_stock_load_model_manager_load_and_restore(case, mgr, tmp_pat
     manifest = mgr.save(3, model)
     assert manifest.step == 3
 
-    path = mgr.storage.local_archive_path(3)
-    assert path is not None and path.endswith("ckpt-000000003.keras")
+    path = mgr.local_archive_path(3)
+    assert path is not None and path.endswith(mgr.manifest(3).archive) and path.endswith(".keras")
     assert zipfile.is_zipfile(path)
 
     # 1. Stock Keras opens it, compile config and optimizer state included.
@@ -488,7 +488,7 @@ def test_unregistered_layer_with_custom_object_scope(mgr):
     train(model, x, y)
     mgr.save(1, model)
     with keras.saving.custom_object_scope({"UnregisteredLayer": UnregisteredLayer}):
-        stock = keras.saving.load_model(mgr.storage.local_archive_path(1))
+        stock = keras.saving.load_model(mgr.local_archive_path(1))
         loaded = mgr.load()
     for other in (stock, loaded):
         assert isinstance(other.get_layer("unreg"), UnregisteredLayer)
@@ -513,7 +513,7 @@ def test_unregistered_layer_without_custom_objects_is_one_line_error(unregistere
     assert isinstance(info.value, TypeError)  # still catchable as Keras's error type
     # Stock Keras fails too: the archive is not the problem.
     with pytest.raises(TypeError, match="UnregisteredLayer"):
-        keras.saving.load_model(mgr.storage.local_archive_path(1))
+        keras.saving.load_model(mgr.local_archive_path(1))
 
 
 def test_unknown_custom_object_error_names_the_class(unregistered_ckpt):
@@ -542,8 +542,8 @@ def test_lambda_layer_refused_in_safe_mode_loads_when_unsafe(mgr):
     assert_same_predictions(model, loaded, x)
     # Stock Keras agrees on both counts.
     with pytest.raises(ValueError, match="safe_mode"):
-        keras.saving.load_model(mgr.storage.local_archive_path(1))
-    stock = keras.saving.load_model(mgr.storage.local_archive_path(1), safe_mode=False)
+        keras.saving.load_model(mgr.local_archive_path(1))
+    stock = keras.saving.load_model(mgr.local_archive_path(1), safe_mode=False)
     assert_same_predictions(model, stock, x)
 
 
@@ -554,7 +554,7 @@ def test_large_variables_are_streamed_and_still_match_model_save(mgr, tmp_path):
     x, y = RNG.normal(size=(4, 300)).astype("float32"), RNG.normal(size=(4, 1)).astype("float32")
     train(model, x, y, steps=1)
     mgr.save(1, model)
-    path = mgr.storage.local_archive_path(1)
+    path = mgr.local_archive_path(1)
     with zipfile.ZipFile(path) as ours:
         our_values = h5_values(ours.read("model.weights.h5"))
     assert max(v.nbytes for v in our_values.values()) > 64 * 1024
@@ -599,7 +599,7 @@ def test_export_keras_is_a_loadable_copy(exported, tmp_path):
     mgr, model, x = exported
     out = tmp_path / "export" / "copy.keras"
     mgr.export_keras(str(out))
-    with open(out, "rb") as a, open(mgr.storage.local_archive_path(1), "rb") as b:
+    with open(out, "rb") as a, open(mgr.local_archive_path(1), "rb") as b:
         assert a.read() == b.read()
     stock = keras.saving.load_model(out)
     assert_same_predictions(model, stock, x)

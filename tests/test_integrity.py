@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 
 from ckptmgr import CheckpointManager, VerifyResult  # noqa: E402
 from ckptmgr.errors import CheckpointNotFoundError, CorruptCheckpointError  # noqa: E402
-from ckptmgr.io.storage import archive_name, manifest_name  # noqa: E402
+from ckptmgr.io.layout import manifest_name  # noqa: E402
 
 STEPS = (1, 2, 3)
 
@@ -75,7 +75,7 @@ def mgr(tmp_path, model):
 
 
 def archive(mgr, step) -> Path:
-    return Path(mgr.storage.local_archive_path(step))
+    return Path(mgr.local_archive_path(step))
 
 
 def snapshot_files(root) -> dict[str, tuple[int, str]]:
@@ -138,7 +138,7 @@ def test_flipped_bytes_are_reported_for_that_step_only(mgr):
     results = by_step(mgr.verify())
     assert results[1].ok and results[2].ok
     assert not results[3].ok
-    assert_one_line(results[3].problem, "step 3", "ckpt-000000003.keras", "corrupt")
+    assert_one_line(results[3].problem, "step 3", "ckpt-000000003-", "corrupt")
     assert mgr.verify(step=3)[0] == results[3]
 
 
@@ -146,7 +146,7 @@ def test_flipped_bytes_in_an_older_step(mgr):
     flip_file(archive(mgr, 2))
     results = by_step(mgr.verify())
     assert [s for s, r in results.items() if not r.ok] == [2]
-    assert_one_line(results[2].problem, "step 2", "ckpt-000000002.keras")
+    assert_one_line(results[2].problem, "step 2", "ckpt-000000002-")
 
 
 def test_truncated_archive_is_reported_as_truncated(mgr):
@@ -155,7 +155,7 @@ def test_truncated_archive_is_reported_as_truncated(mgr):
     os.truncate(path, full // 2)
     results = by_step(mgr.verify())
     assert results[1].ok and results[2].ok and not results[3].ok
-    assert_one_line(results[3].problem, "step 3", "ckpt-000000003.keras", "truncated")
+    assert_one_line(results[3].problem, "step 3", "ckpt-000000003-", "truncated")
     assert str(full // 2) in results[3].problem and str(full) in results[3].problem
 
 
@@ -165,7 +165,7 @@ def test_appended_bytes_are_reported(mgr):
         f.write(b"junk")
     results = by_step(mgr.verify())
     assert not results[1].ok and results[2].ok and results[3].ok
-    assert_one_line(results[1].problem, "step 1", "ckpt-000000001.keras")
+    assert_one_line(results[1].problem, "step 1", "ckpt-000000001-")
 
 
 def test_deleted_archive_with_manifest_is_reported_missing(mgr):
@@ -173,7 +173,7 @@ def test_deleted_archive_with_manifest_is_reported_missing(mgr):
     assert mgr.steps() == [1, 2, 3]  # the manifest still lists it
     results = by_step(mgr.verify())
     assert results[1].ok and results[3].ok and not results[2].ok
-    assert_one_line(results[2].problem, "step 2", "ckpt-000000002.keras", "missing")
+    assert_one_line(results[2].problem, "step 2", "ckpt-000000002-", "missing")
 
 
 @pytest.mark.parametrize(
@@ -197,8 +197,8 @@ def test_corrupt_manifest_is_reported_and_skipped(mgr, garbage, caplog):
 
 def test_manifest_of_another_step_is_not_trusted(mgr, target):
     root = Path(mgr.storage.root)
-    (root / manifest_name(3)).write_bytes((root / manifest_name(2)).read_bytes())
     flip_file(archive(mgr, 3))  # step 3's own archive is broken
+    (root / manifest_name(3)).write_bytes((root / manifest_name(2)).read_bytes())
     results = by_step(mgr.verify())
     assert not results[3].ok
     assert_one_line(results[3].problem, "step 3", "ckpt-000000003")
@@ -248,8 +248,8 @@ def test_restore_falls_back_to_newest_that_verifies(mgr, target, damage, caplog)
     assert warnings, "falling back must be logged"
     text = " | ".join(r.getMessage() for r in warnings)
     assert "step 3" in text
-    assert ("ckpt-000000003.json" if damage == "manifest" else "ckpt-000000003.keras") in text
-    assert "restoring step 2" in text
+    assert ("ckpt-000000003.json" if damage == "manifest" else "ckpt-000000003-") in text
+    assert "to step 2" in text
     assert snapshot_files(mgr.storage.root) == before  # nothing deleted or repaired
 
 
@@ -260,7 +260,7 @@ def test_restore_skips_several_corrupt_newest(mgr, target, caplog):
         assert mgr.restore(target).step == 1
     assert marker(target) == 1.0
     text = " | ".join(r.getMessage() for r in caplog.records)
-    assert "step 3" in text and "step 2" in text and "restoring step 1" in text
+    assert "step 3" in text and "step 2" in text and "to step 1" in text
 
 
 def test_restore_explicit_corrupt_step_raises(mgr, target):
@@ -268,7 +268,7 @@ def test_restore_explicit_corrupt_step_raises(mgr, target):
     before = snapshot_files(mgr.storage.root)
     with pytest.raises(CorruptCheckpointError) as info:
         mgr.restore(target, step=2)
-    assert_one_line(str(info.value), "step 2", "ckpt-000000002.keras")
+    assert_one_line(str(info.value), "step 2", "ckpt-000000002-")
     assert marker(target) == -1.0  # untouched
     # Intact explicit steps still restore, newer or older.
     assert mgr.restore(target, step=3).step == 3 and marker(target) == 3.0
@@ -280,7 +280,7 @@ def test_load_falls_back_and_explicit_corrupt_load_raises(mgr):
     flip_file(archive(mgr, 3))
     loaded = mgr.load()
     assert marker(loaded) == 2.0
-    with pytest.raises(CorruptCheckpointError, match="ckpt-000000003.keras"):
+    with pytest.raises(CorruptCheckpointError, match="ckpt-000000003-"):
         mgr.load(step=3)
 
 
@@ -295,7 +295,7 @@ def test_all_corrupt_raises_listing_every_step(mgr, target, caplog):
     message = str(info.value)
     assert_one_line(
         message,
-        "ckpt-000000001.keras", "ckpt-000000002.keras", "ckpt-000000003.keras",
+        "ckpt-000000001-", "ckpt-000000002-", "ckpt-000000003-",
         "step 1", "step 2", "step 3",
     )
     assert "missing" in message and "truncated" in message and "corrupt" in message
@@ -352,21 +352,22 @@ def memory_files(mgr) -> dict[str, tuple[int, str]]:
 
 def test_memory_storage_corruption_is_detected_and_skipped(memory_mgr, target, caplog):
     mgr, local_tmp = memory_mgr
-    assert mgr.storage.local_archive_path(2) is None  # really remote-style
-    fs, path = mgr.storage.fs, mgr.storage.archive_path(2)
+    assert mgr.local_archive_path(2) is None  # really remote-style
+    name = mgr.manifest(2).archive
+    fs, path = mgr.storage.fs, f"{mgr.storage.root}/{name}"
     fs.pipe_file(path, flip_middle(fs.cat_file(path)))
     before = memory_files(mgr)
 
     results = by_step(mgr.verify())
     assert results[1].ok and not results[2].ok
-    assert_one_line(results[2].problem, "step 2", archive_name(2))
+    assert_one_line(results[2].problem, "step 2", name)
 
     with caplog.at_level(logging.WARNING, logger="ckptmgr"):
         assert mgr.restore(target).step == 1
     assert marker(target) == 1.0
-    assert any(archive_name(2) in r.getMessage() for r in caplog.records)
+    assert any(name in r.getMessage() for r in caplog.records)
 
-    with pytest.raises(CorruptCheckpointError, match=archive_name(2)):
+    with pytest.raises(CorruptCheckpointError, match=name):
         mgr.restore(target, step=2)
     assert memory_files(mgr) == before  # nothing deleted remotely
     assert list(local_tmp.iterdir()) == []  # downloads cleaned up, bad ones too
@@ -374,7 +375,8 @@ def test_memory_storage_corruption_is_detected_and_skipped(memory_mgr, target, c
 
 def test_memory_storage_missing_archive(memory_mgr):
     mgr, _ = memory_mgr
-    mgr.storage.fs.rm_file(mgr.storage.archive_path(2))
+    name = mgr.manifest(2).archive
+    mgr.storage.fs.rm_file(f"{mgr.storage.root}/{name}")
     results = by_step(mgr.verify())
     assert results[1].ok and not results[2].ok
-    assert_one_line(results[2].problem, "step 2", archive_name(2), "missing")
+    assert_one_line(results[2].problem, "step 2", name, "missing")

@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import hashlib  # noqa: E402
+import re  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -35,6 +36,7 @@ from ckptmgr.errors import (  # noqa: E402
     CheckpointNotFoundError,
     ConfigError,
 )
+from ckptmgr.io.layout import archive_name  # noqa: E402
 from ckptmgr.io.manifest import LoopState, Manifest  # noqa: E402
 
 
@@ -67,7 +69,14 @@ def files(root) -> dict[str, bytes]:
 
 
 def committed_names(root) -> list[str]:
-    return sorted(p.name for p in Path(root).iterdir() if p.is_file())
+    """File names in the root, archives without their attempt id."""
+    return sorted(re.sub(r"-[0-9a-f]{12}\.keras$", ".keras", p.name) for p in Path(root).iterdir() if p.is_file())
+
+
+def archive_file(root, step: int) -> Path:
+    """The archive of ``step`` in ``root`` (a fresh attempt name if there is none)."""
+    found = sorted(Path(root).glob(f"ckpt-{step:09d}-*.keras"))
+    return found[0] if found else Path(root) / archive_name(step, "0" * 12)
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +106,11 @@ class Gate:
         original = manager.storage.open_archive_writer
 
         @contextmanager
-        def gated(step):
-            self.writes.append(step)
+        def gated(name):
+            self.writes.append(int(name[len("ckpt-"):].split("-")[0]))
             self.entered.set()
             assert self.release.wait(30), "gate never opened"
-            with original(step) as writer:
+            with original(name) as writer:
                 yield writer
 
         monkeypatch.setattr(manager.storage, "open_archive_writer", gated)
@@ -134,7 +143,7 @@ def test_steps_are_ascending_whatever_the_save_order(mgr, model, directory):
     assert mgr.latest_step() == 10
     assert [m.step for m in mgr.manifests()] == [0, 2, 7, 10]
     # Archives without a manifest (uncommitted) and stray files never count.
-    (directory / "ckpt-000000011.keras").write_bytes((directory / "ckpt-000000010.keras").read_bytes())
+    (archive_file(directory, 11)).write_bytes((archive_file(directory, 10)).read_bytes())
     (directory / "notes.txt").write_text("hello")
     (directory / "ckpt-12.json").write_text("{}")  # not the naming scheme
     assert mgr.steps() == [0, 2, 7, 10]
@@ -152,12 +161,12 @@ def test_manifest_fields(mgr, model, directory):
     assert manifest == saved
     assert mgr.manifest() == saved  # latest by default
 
-    path = directory / "ckpt-000000007.keras"
+    path = archive_file(directory, 7)
     data = path.read_bytes()
     assert manifest.step == 7
-    assert manifest.archive == "ckpt-000000007.keras"
-    assert set(manifest.files) == {"ckpt-000000007.keras"}
-    entry = manifest.files["ckpt-000000007.keras"]
+    assert manifest.archive == archive_name(7, manifest.attempt) == path.name
+    assert set(manifest.files) == {path.name}
+    entry = manifest.files[path.name]
     assert len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0
     assert entry.sha256 == hashlib.sha256(data).hexdigest()
     assert entry.bytes == len(data) == path.stat().st_size
@@ -196,7 +205,7 @@ def test_saving_same_step_twice_raises_and_keeps_the_original(mgr, directory):
     assert files(directory) == before  # byte-identical, no leftovers in .tmp
     assert mgr.steps() == [1]
     assert mgr.manifest(1).metrics == {"loss": 1.0}
-    assert marker_of(directory / "ckpt-000000001.keras") == 1.0
+    assert marker_of(archive_file(directory, 1)) == 1.0
 
 
 def test_non_blocking_save_of_existing_step_fails_in_its_future(mgr, directory):
@@ -272,7 +281,7 @@ def test_non_blocking_save_is_a_true_snapshot(mgr, directory, monkeypatch):
     gate.open()
     assert future.result(timeout=60).step == 1
 
-    stored = archive_weights(directory / "ckpt-000000001.keras")
+    stored = archive_weights(archive_file(directory, 1))
     for got, want in zip(stored, expected):
         np.testing.assert_array_equal(got, want)
     assert not any(np.all(w == 0) for w in stored)
@@ -286,7 +295,7 @@ def test_true_snapshot_without_holding_the_writer(mgr, directory):
     future = mgr.save(1, model, blocking=False)
     set_marker(model, 0.0)  # most likely while the ~4 MB archive is being written
     future.result(timeout=60)
-    assert marker_of(directory / "ckpt-000000001.keras") == 3.0
+    assert marker_of(archive_file(directory, 1)) == 3.0
 
 
 def test_reused_host_buffers_never_leak_into_an_earlier_snapshot(mgr, directory, monkeypatch):
@@ -304,8 +313,8 @@ def test_reused_host_buffers_never_leak_into_an_earlier_snapshot(mgr, directory,
     assert first.done()
     set_marker(model, 3.0)
     assert second.result(timeout=30).step == 2
-    assert marker_of(directory / "ckpt-000000001.keras") == 1.0
-    assert marker_of(directory / "ckpt-000000002.keras") == 2.0
+    assert marker_of(archive_file(directory, 1)) == 1.0
+    assert marker_of(archive_file(directory, 2)) == 2.0
 
 
 def test_on_busy_wait_waits_then_saves(directory, monkeypatch, caplog):
@@ -619,6 +628,6 @@ def test_missing_step_lists_available_steps(mgr, model, tmp_path):
 
 def test_archive_is_a_plain_zip_even_when_written_non_blocking(mgr, model, directory):
     mgr.save(1, model, blocking=False).result(timeout=30)
-    with zipfile.ZipFile(directory / "ckpt-000000001.keras") as zf:
+    with zipfile.ZipFile(archive_file(directory, 1)) as zf:
         assert zf.testzip() is None
         assert zf.namelist() == ["metadata.json", "config.json", "model.weights.h5"]

@@ -181,10 +181,11 @@ def test_keep_best_ties_are_independent_of_input_order():
     assert forward.keep == {3: ("keep_best=acc/max",), 9: ("newest",)}
 
 
-def test_keep_best_handles_infinities_and_ints():
+def test_keep_best_never_picks_non_finite_values():
+    """A diverged run logs inf/-inf: neither may count as the best model (issue 8)."""
     cks = [ckpt(1, val_loss=math.inf), ckpt(2, val_loss=-math.inf), ckpt(3, val_loss=1), ckpt(4)]
-    decision = decide([KeepBest("val_loss")], cks)
-    assert decision.keep == {2: ("keep_best=val_loss/min",), 4: ("newest",)}
+    assert decide([KeepBest("val_loss")], cks).keep == {3: ("keep_best=val_loss/min",), 4: ("newest",)}
+    assert decide([KeepBest("val_loss", "max")], cks).keep == {3: ("keep_best=val_loss/max",), 4: ("newest",)}
 
 
 # --- KeepWithin -------------------------------------------------------------

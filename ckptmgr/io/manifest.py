@@ -113,6 +113,11 @@ class Manifest(BaseModel):
             raise ValueError(f"archive {self.archive!r} has no entry in files")
         return self
 
+    def sealed(self) -> "Manifest":
+        """A copy whose ``checksum`` covers its content (what readers get back)."""
+        body = json.loads(self.model_dump_json(exclude={"checksum"}))
+        return self.model_copy(update={"checksum": _canonical_sha256(body)})
+
     def to_bytes(self) -> bytes:
         """The stored form: JSON with ``checksum`` over the canonical rest."""
         body = json.loads(self.model_dump_json(exclude={"checksum"}))
