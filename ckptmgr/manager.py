@@ -772,6 +772,10 @@ def _incompatible_if_raises(use: Callable[[Manifest, str], Any], manifest: Manif
     """Run ``use`` on a verified archive; its failures are the model's, not the data's."""
     try:
         return use(manifest, path)
+    except IncompatibleCheckpointError as exc:
+        if str(exc).startswith("step "):
+            raise
+        raise IncompatibleCheckpointError(f"step {manifest.step}: {exc}") from None
     except CkptmgrError:
         raise
     except Exception as exc:
@@ -793,7 +797,8 @@ def _loading_error(exc: Exception, step: int) -> CkptmgrError:
             f"step {step}: the model contains a Python lambda, refused by safe_mode. "
             "Load with safe_mode=False (CLI: --unsafe) only if you trust its source."
         )
-    first = text.strip().splitlines()[0][:300] if text.strip() else ""
+    # Keras wraps the model's own error in a multi-line summary: keep all of it, on one line.
+    first = " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]
     return IncompatibleCheckpointError(
         f"step {step}: the checkpoint verifies, but the model's code cannot load it: "
         f"{type(exc).__name__}: {first}"

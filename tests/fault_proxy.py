@@ -15,77 +15,94 @@ Usage::
         fs.pipe_file(f"{bucket}/x.json", b"{}")   # created upstream, reply lost
         print(proxy.stats, proxy.log)
 
-Facts measured with this proxy (gcsfs 2026.10.0, s3fs 2026.9.0,
-aiobotocore 3.1.0 / botocore 1.43.117, aiohttp 3.14.5; fake-gcs-server,
-moto 5 server), see ``tests/test_fault_proxy.py``:
+Facts measured with this proxy (gcsfs 2026.10.0, s3fs 2026.9.0, aiobotocore
+3.1.0 / botocore 1.43.117, aiohttp 3.14.5, fake-gcs-server, moto 5 server;
+see ``tests/test_fault_proxy.py`` and the installed sources):
 
 gcsfs
-  * Every HTTP call goes through ``GCSFileSystem._request``, decorated with
+  * Every HTTP call goes through ``GCSFileSystem._request``, wrapped in
     ``gcsfs.retry.retry_request(retries=6)``: 6 attempts in all. The count is
-    bound when the class is defined (``retries = 6`` class attribute read by
-    the decorator), so neither a constructor argument nor ``fs.retries = N``
-    changes it; there is no ``retries`` knob.
-  * Retried: HTTP 408, 429, 500-504 (as ``HttpError``; 502 becomes
-    ``requests.exceptions.ProxyError``), any ``aiohttp.ClientError``
-    (connection reset / server disconnected), checksum errors. 404 ->
-    ``FileNotFoundError`` at once, 403 -> ``OSError("Forbidden...")``,
-    412 -> ``FileExistsError``, 400 with "invalid" -> ``ValueError``.
-  * Backoff between attempts: ``min(random.random() + 2 ** (n - 1), 32)``
-    seconds, i.e. ~1.5, 2.5, 4.5, 8.5, 16.5 s: a persistent 5xx makes one call
-    raise only after ~31-36 s (measured: ~33 s). What is raised after the
-    last attempt is the last error itself, unwrapped:
-    ``gcsfs.retry.HttpError`` (``.code == 500``, message "injected, 500") for
-    a 5xx; for a dropped connection, an ``aiohttp.ClientError`` subclass
-    (``ServerDisconnectedError`` / ``ClientOSError``), NOT an ``OSError``
-    subclass for ServerDisconnectedError. ``HttpError`` is not an ``OSError``
-    either, so ``except OSError`` does not catch gcsfs's 5xx failures.
-  * The only knob to make retries fast is to patch the sleep:
-    ``monkeypatch.setattr(gcsfs.retry.asyncio, "sleep", fast)`` patches the
-    global ``asyncio.sleep`` (bad idea), so patch the module reference instead:
-    ``monkeypatch.setattr(gcsfs.retry, "asyncio", SimpleNamespace(sleep=fast))``
-    (``gcsfs.retry`` uses ``asyncio`` only for ``asyncio.sleep``), or patch
-    ``gcsfs.retry.random.random``... The test here uses the SimpleNamespace
-    trick (see ``fast_gcsfs_retries``). ``requests_timeout=`` (seconds per
-    HTTP request) exists but does not shorten 5xx retries.
-  * Lost response on a ``pipe_file`` (multipart upload): gcsfs re-sends; in
-    the default ``mode="overwrite"`` the retry succeeds silently (object
-    written twice). With ``mode="create"`` (``ifGenerationMatch=0``, what
-    ``Storage.write_manifest`` uses) the retry gets 412 and ``pipe_file``
-    raises ``FileExistsError`` although it was the caller's own write that
-    landed (``CheckpointExistsError`` in ckptmgr).
+    fixed when the class is defined (class attribute ``retries = 6`` read by
+    the decorator): no constructor argument, and ``fs.retries = N`` does
+    nothing.
+  * Retried: HTTP 408, 429, 500-504 (``HttpError``; a 502 becomes
+    ``requests.exceptions.ProxyError``) and any ``aiohttp.ClientError``
+    (reset, disconnect). Not retried: 404 -> ``FileNotFoundError``, 403 ->
+    ``OSError("Forbidden...")``, 412 -> ``FileExistsError``, 400 with
+    "invalid" -> ``ValueError``.
+  * Sleep before attempt n (n >= 1): ``min(random() + 2 ** (n - 1), 32)`` s,
+    i.e. about 1.5, 2.5, 4.5, 8.5 and 16.5 s. A persistent fault makes one call
+    fail only after all of these: measured 32.5-35.6 s for 500, 503 and reset,
+    on ``pipe_file`` and ``cat_file`` alike (6 requests seen by the proxy).
+  * After the last attempt the last error is re-raised as it is, not
+    wrapped. For 5xx that is ``gcsfs.retry.HttpError`` (``.code`` 500/503,
+    message "injected, 500"); it is NOT an ``OSError``, so ``except OSError``
+    misses it. For a reset connection it is
+    ``aiohttp.client_exceptions.ClientOSError`` ("[Errno 104] Connection reset
+    by peer"), which is an ``OSError``. Also from the source, not measured:
+    ``ServerDisconnectedError``, raised on a plain close (FIN), is not an
+    ``OSError``. gcsfs logs the final failure with ``logger.exception``.
+  * Knobs: no retry count. To make the retries fast, patch the sleep by
+    replacing the module reference (NOT the global ``asyncio.sleep``):
+    ``monkeypatch.setattr(gcsfs.retry, "asyncio",
+    types.SimpleNamespace(sleep=fast_sleep))``. ``gcsfs.retry`` uses asyncio
+    only for that sleep. See ``fast_gcsfs_retries`` in the test. With it, 6
+    attempts take well under 1 s. ``requests_timeout=`` only sets the
+    per-request aiohttp timeout.
+  * Lost response on ``pipe_file`` (multipart POST, which aiohttp never
+    re-sends by itself): gcsfs re-sends after ~1 s. In the default
+    ``mode="overwrite"`` the retry succeeds (the object is written twice). In
+    ``mode="create"`` (``ifGenerationMatch=0``, which
+    ``Storage.write_manifest`` uses), the retry gets 412 and ``pipe_file``
+    raises ``FileExistsError``, although it was the caller's own write that
+    landed.
 
 s3fs / aiobotocore
-  * Two retry layers. botocore (default "legacy" mode, ``max_attempts`` 5 =
-    1 try + 4 retries) retries 500/502/503/504, throttling codes and
-    connection errors, with backoff ``random() * 2 ** (n - 1)`` s (at most
-    1, 2, 4, 8 s). Then s3fs's ``_error_wrapper`` (``fs.retries``, default 5,
-    class attribute: settable per instance ``fs.retries = 1``, not a
-    constructor argument) retries only ``S3_RETRYABLE_ERRORS`` (socket timeout,
-    ``HTTPClientError`` -> connection errors, incomplete reads, parser errors)
-    and ClientErrors whose text contains "SlowDown" / "reduce your request
-    rate"; a plain 500/503 ClientError is NOT retried by s3fs, only by
-    botocore.
-  * Fast knob: ``config_kwargs={"retries": {"max_attempts": N}}`` (total
-    attempts, legacy mode) or ``{"retries": {"total_max_attempts": N,
-    "mode": "standard"}}``; with ``max_attempts: 2`` a persistent 500 raises
-    after ~1 s.
-  * Exceptions after retries: a 5xx ``ClientError`` is translated by
-    ``s3fs.errors.translate_boto_error``: code ``InternalError`` (500) ->
-    ``OSError(EREMOTEIO)``, ``SlowDown`` (503) -> ``OSError(EBUSY)``,
-    ``ServiceUnavailable`` (503) -> ``OSError(EIO)`` (generic), all ``OSError``
-    with ``__cause__`` the ``botocore.exceptions.ClientError``. A dropped
-    connection ends as ``OSError`` too? No: it ends as the untranslated
-    botocore ``ConnectionClosedError`` / ``EndpointConnectionError``
-    (``HTTPClientError`` subclasses, not ``OSError``) after both layers gave
-    up (5 x 5 attempts by default).
-  * Lost response on ``pipe_file``: botocore re-sends the PUT; in overwrite
-    mode it succeeds. With ``mode="create"`` (``If-None-Match: *``) the
-    retried PUT gets 412 and ``pipe_file`` raises ``FileExistsError``, as on
-    gcsfs (moto honours If-None-Match).
+  * Three retry layers:
+    1. aiohttp re-sends an idempotent request (GET, HEAD, PUT, DELETE, ...)
+       once by itself when a reused keep-alive connection is reset. So each
+       botocore attempt can reach the proxy twice.
+    2. botocore, default "legacy" mode: 5 attempts in all. It retries
+       500/502/503/504, throttling codes and connection errors, sleeping
+       ``random() * 2 ** (n - 1)`` s (at most 1, 2, 4, 8 s).
+    3. s3fs ``_error_wrapper`` (``fs.retries``, default 5; a class attribute
+       you can set per instance, not a constructor argument). It retries only
+       ``S3_RETRYABLE_ERRORS`` and ClientErrors whose text says "SlowDown" /
+       "reduce your request rate". A plain 500 / 503 ServiceUnavailable
+       ClientError is retried by botocore only. A 503 with code ``SlowDown``
+       is retried by both layers: 5 x 5 = 25 requests, 27.6 s by default.
+  * Knob: ``config_kwargs={"retries": {"max_attempts": N}}``. N counts
+    RETRIES, so N + 1 attempts in all. botocore rewrites that dict in place
+    (into ``total_max_attempts: N + 1``), so never share one dict between
+    filesystems. Alternative: ``{"mode": "standard", "total_max_attempts":
+    N}``. Persistent 500 on ``pipe_file``: default 5 requests, 11.2 s;
+    max_attempts 1: 2 requests, 0.3 s; max_attempts 2: 3 requests, 2.0 s.
+  * Exceptions: s3fs ``translate_boto_error`` turns a 5xx ClientError into
+    an ``OSError`` whose ``__cause__`` is ``botocore.exceptions.ClientError``.
+    Code ``InternalError`` (500) gives errno 121 ``EREMOTEIO``;
+    ``ServiceUnavailable`` or ``SlowDown`` (503) give errno 16 ``EBUSY``; a
+    HEAD without a body maps the same way by its status. A persistent reset
+    ends as ``botocore.exceptions.EndpointConnectionError``, which is a
+    ``BotoCoreError``, NOT an ``OSError``, and is not translated. Default:
+    10 requests (5 attempts x aiohttp's re-send), 5-8 s; with
+    ``max_attempts`` 1: 4 requests, 0.3 s. ``fs.retries`` changes nothing
+    here.
+  * Lost response on ``pipe_file`` (PUT): aiohttp re-sends the PUT at once,
+    so the call succeeds and botocore never sees the fault. With
+    ``mode="create"`` (``If-None-Match: *``) the re-sent PUT gets 412 and
+    ``pipe_file`` raises ``FileExistsError`` (cause ``ClientError``
+    PreconditionFailed), as on gcsfs.
+  * botocore sends ``Expect: 100-continue`` on large PUTs (seen for 6 MiB).
+    ``BaseHTTPRequestHandler`` answers "100 Continue" itself, and the proxy
+    drops ``Expect`` on the way upstream.
 
-The facts above that are not tested in ``test_fault_proxy.py`` were read in
-the installed sources (``gcsfs/retry.py``, ``gcsfs/core.py``,
-``s3fs/core.py``, ``s3fs/errors.py``, ``botocore/retries``).
+Proxy caveats: ``Host`` is rewritten to the upstream's, which breaks SigV4
+(host is signed) against a server that checks signatures. moto does not check
+by default. moto answers 403 to an *unsigned* PUT that overwrites a key
+(seen with raw requests). ``Location`` response headers pointing at the
+upstream are rewritten onto the proxy, so GCS resumable-upload chunks also go
+through it. Response bodies are buffered whole and re-sent with
+``Content-Length``.
 """
 
 from __future__ import annotations
@@ -155,7 +172,7 @@ _S3_CODES = {
 class ProxyRequest:
     """What a rule's ``match`` predicate sees about one client request.
 
-    ``path`` is unquoted-free raw path (no query); ``query`` the raw query
+    ``path`` is the raw (still percent-encoded) path; ``query`` the raw query
     string; ``params`` the parsed query (``{name: [values]}``); ``headers`` an
     ``email.message.Message`` (case-insensitive ``.get``); ``body`` the full
     request body (chunked bodies are already decoded).

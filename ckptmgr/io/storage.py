@@ -410,8 +410,9 @@ class Storage:
 
         An archive no manifest names, a pin without a manifest, a file in
         ``.tmp``: only when older than ``older_than_s`` *and* older than the
-        newest manifest (so another writer's attempt in flight survives), and
-        not in ``keep`` (archive names a manifest still claims).
+        newest manifest (so another writer's attempt in flight survives; with
+        no manifest at all nothing is swept), and not in ``keep`` (archive
+        names a manifest still claims).
         """
         recognised = self._recognised()
         committed = {p.step for p, _ in recognised if p.kind == "manifest"}
@@ -423,10 +424,11 @@ class Storage:
         candidates += [f"{layout.TMP_DIR}/{n}" for n in self._tmp_leftovers()]
         if not candidates:
             return []
-        now = time.time()
         newest = max(committed, default=None)
-        newest_age = self._age_s(layout.manifest_name(newest), now) if newest is not None else 0.0
-        cutoff = max(older_than_s, newest_age)
+        if newest is None:  # nothing to date an attempt in flight against: keep all
+            return []
+        now = time.time()
+        cutoff = max(older_than_s, self._age_s(layout.manifest_name(newest), now))
         return [n for n in candidates if self._age_s(n, now) > cutoff]
 
     def _tmp_leftovers(self) -> list[str]:
