@@ -370,7 +370,7 @@ def local_disk(ctx: Context) -> None:
                 if rep:
                     ck_read.append(t)
             else:
-                t, got = raw_read(manager.storage.archive_path(step), ctx.block)
+                t, got = raw_read(manager.local_archive_path(step), ctx.block)
                 if rep:
                     raw_r.append(t)
         if rep:
@@ -548,10 +548,10 @@ def profile(ctx: Context) -> None:
     manager.verify(2)
     verify_s = time.perf_counter() - started
     started = time.perf_counter()
-    with open(manager.storage.archive_path(2), "rb") as f, open_weights(f) as h5:
+    with open(manager.local_archive_path(2), "rb") as f, open_weights(f) as h5:
         apply_weights(model, h5)
     apply_s = time.perf_counter() - started
-    raw_r, _ = raw_read(manager.storage.archive_path(2), ctx.block)
+    raw_r, _ = raw_read(manager.local_archive_path(2), ctx.block)
     report.add(Row("S7", "restore part 1: verify (read + sha256)", verify_s, "s", "raw read", raw_r,
                    ratio=verify_s / raw_r))
     report.add(Row("S7", "restore part 2: HDF5 read through the zip window + variable assign", apply_s,

@@ -36,7 +36,7 @@ def gcs_throughput(ctx: Context) -> None:
                     ck_write.append(manifest.stats.write_s)
                     nbytes = manifest.stats.bytes
                     if data is None:  # the raw payload: the same bytes (raw read, untimed)
-                        data = fs.cat_file(manager.storage.archive_path(step))
+                        data = fs.cat_file(manager.archive_url(step))
                 else:
                     if data is None:
                         raise RuntimeError("raw write needs the archive bytes first")

@@ -82,6 +82,9 @@ class Coordinator:
             on_busy=options.on_busy,  # type: ignore[arg-type]
             **options.retention,
         )
+        # Claim the directory now: a coordinator of an earlier run (a zombie
+        # after a preemption) is fenced from this moment, not at our first save.
+        self.manager.claim()
         self._lock = threading.Condition()
         self._parts: dict[int, dict[int, Part]] = {}
         self._results: dict[int, Future] = {}

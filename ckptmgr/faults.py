@@ -7,13 +7,14 @@ a crash at any instant leaves only complete checkpoints visible.
 
 Counter mode, for schedules that should die "somewhere" rather than at one
 named place: ``CKPTMGR_CRASH_AFTER=<N>`` (N >= 1) makes the process SIGKILL
-itself at the N-th crash point it reaches, whatever its name (every call of
-:func:`crash_point` counts, from process start, whether or not the variable
-was set yet). Just before dying it writes one line to stderr (unbuffered, fd
-2), ``ckptmgr crash point <name> #<N>``, so the test knows where it died.
-Both variables are read at each crash point, so a process may set them right
-before the operation it wants to interrupt. Without either variable set,
-crash points cost one dict lookup each.
+itself at the N-th crash point it reaches, whatever its name. Every call of
+:func:`crash_point` counts, from process start, whether or not a variable was
+set yet; set once N points have already passed, it fires at the next one.
+Just before dying it writes one line to stderr (unbuffered, fd 2),
+``ckptmgr crash point <name> #<N>``, so the test knows where it died. Both
+variables are read at each crash point, so a process may set them right
+before the operation it wants to interrupt. With neither set, a crash point
+costs two environment lookups.
 """
 
 from __future__ import annotations

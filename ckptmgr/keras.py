@@ -133,6 +133,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._global_step = _optimizer_iterations(self.model)
         if self.restore_on_begin and self.manager.latest_step() is not None:
             self._restore()
+        if isinstance(self.manager, CheckpointManager) and self.manager.lease.held is None:
+            self.manager.claim()  # an earlier run still writing here is fenced from now on
         if hasattr(self.manager, "prepare"):
             self.manager.prepare(self.model)  # host buffers now, not at the first save
 

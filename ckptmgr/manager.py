@@ -9,11 +9,9 @@ the Ray coordinator reuses it unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import operator
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -32,11 +30,9 @@ from ckptmgr.errors import (
     CkptmgrError,
     ConfigError,
     CorruptCheckpointError,
-    IncompatibleCheckpointError,
-    UnknownCustomObjectError,
-    UnsafeCheckpointError,
 )
-from ckptmgr.io.archive import ModelSnapshot, check_layout, open_weights, write_keras_archive, write_weights_only
+from ckptmgr.integrity import Progress, Verifier, VerifyResult
+from ckptmgr.io.archive import ModelSnapshot, open_weights, write_keras_archive, write_weights_only
 from ckptmgr.io.destination import copy_to_destination
 from ckptmgr.io.layout import archive_name, manifest_name, new_attempt_id
 from ckptmgr.io.lease import WriterLease
@@ -47,14 +43,6 @@ from ckptmgr.retention import CheckpointInfo, RetentionDecision, RetentionPolicy
 log = logging.getLogger("ckptmgr")
 
 BusyPolicy = Literal["wait", "skip"]
-Progress = Callable[[int, int], None]  # (bytes just read, total bytes)
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    step: int
-    ok: bool
-    problem: str = ""  # one line naming the step and the file
 
 
 @dataclass(frozen=True)
@@ -114,6 +102,7 @@ class CheckpointManager:
         self.on_busy = on_busy
         self.sweep_grace_s = check_grace(sweep_grace_s)
         self.lease = WriterLease(self.storage)
+        self._verifier = Verifier(self.storage, self._read_manifest)
         self._plan = None
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: Future | None = None
@@ -188,6 +177,14 @@ class CheckpointManager:
         return step
 
     # -- saving ----------------------------------------------------------------
+    def claim(self) -> None:
+        """Claim the directory's writer lease now (saves claim it otherwise).
+
+        Any writer that claimed it before is fenced from this moment: its next
+        commit or delete raises ``WriterFencedError``. See :mod:`ckptmgr.io.lease`.
+        """
+        self.lease.acquire()
+
     def save(
         self,
         step: int,
@@ -404,157 +401,23 @@ class CheckpointManager:
         are not restorable and are swept once older than the grace time.
         """
         if step is not None:
-            return [self._verify_one(self._resolve_step(step), progress)]
+            return [self._verifier.verify_step(self._resolve_step(step), progress)]
         steps = self.steps()
-        results = [self._verify_one(s, progress) for s in steps]
-        committed = set(steps)
-        for orphan in sorted({a.step for a in self.storage.archives()} - committed):
-            results.append(VerifyResult(orphan, False, (
-                f"step {orphan}: orphan archive without a manifest (an interrupted "
-                "write or a deleted manifest); not restorable, swept after the grace time")))
-        return sorted(results, key=lambda r: r.step)
+        results = [self._verifier.verify_step(s, progress) for s in steps]
+        return sorted(results + self._verifier.orphans(set(steps)), key=lambda r: r.step)
 
-    def _verify_one(self, step: int, progress: Progress | None = None) -> VerifyResult:
-        try:
-            manifest = self.manifest(step)
-            self._check_archive(manifest, sink=None, progress=progress)
-        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-            return VerifyResult(step, False, _one_line(exc, step))
-        return VerifyResult(step, True)
-
-    def _check_archive(self, manifest: Manifest, sink, progress: Progress | None = None) -> None:
-        """Stream the archive once, hashing it (and copying it into ``sink``);
-        then check its members (local files only: remote ones are checked
-        after download, see :meth:`verified_archive`)."""
-        step, name, entry = manifest.step, manifest.archive, manifest.archive_entry
-        try:
-            size = self.storage.file_size(name)
-        except CheckpointNotFoundError:
-            raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
-        except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"step {step}: {exc}") from None
-        if size != entry.bytes:
-            raise CorruptCheckpointError(
-                f"step {step}: {name} is truncated or altered "
-                f"({size} bytes, manifest says {entry.bytes})"
-            )
-        digest = hashlib.sha256()
-        for chunk in self.storage.iter_archive_chunks(name):
-            digest.update(chunk)
-            if sink is not None:
-                sink.write(chunk)
-            if progress is not None:
-                progress(len(chunk), entry.bytes)
-        if digest.hexdigest() != entry.sha256:
-            raise CorruptCheckpointError(
-                f"step {step}: {name} is corrupt (sha256 {digest.hexdigest()[:12]}..., "
-                f"manifest says {entry.sha256[:12]}...)"
-            )
-        if self.storage.is_local:
-            self._check_members(manifest)
-
-    def _check_members(self, manifest: Manifest) -> None:
-        """The archive holds only what a ``.keras`` file holds (see ``check_layout``)."""
-        step, name = manifest.step, manifest.archive
-        try:
-            with self.storage.open_archive(name) as f:
-                check_layout(f, self.storage.file_size(name))
-        except CheckpointNotFoundError:
-            raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
-        except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"step {step}: {name}: {exc}") from None
-
-    @contextmanager
-    def verified_archive(self, step: int | None = None, *, progress: Progress | None = None) -> Iterator[tuple[Manifest, str]]:
+    def verified_archive(self, step: int | None = None, *, progress: Progress | None = None):
         """A local path to a verified archive of ``step`` (downloaded if remote)."""
-        manifest = self.manifest(step)
-        local = self.storage.local_path_of(manifest.archive)
-        if local is not None:
-            self._check_archive(manifest, sink=None, progress=progress)
-            yield manifest, local
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f"ckptmgr-{manifest.step}-", suffix=".keras")
-        try:
-            with os.fdopen(fd, "wb") as sink:
-                self._check_archive(manifest, sink=sink, progress=progress)
-            _check_downloaded_members(tmp, manifest)
-            yield manifest, tmp
-        finally:
-            os.remove(tmp)
+        return self._verifier.verified_archive(self.manifest(step), progress=progress)
 
     def _first_good(self, step: int | None, use: Callable[[Manifest, str], Any], *,
                     overlap: bool = False) -> tuple[Manifest, Any]:
-        """``use(manifest, local_path)`` on a checkpoint that verifies.
-
-        Explicit step: that one or an error. Otherwise the newest that verifies;
-        corrupt newer ones are skipped with a warning naming both steps. Only
-        corruption falls back: if ``use`` fails on a verified archive (model
-        code, another architecture) the error is raised, since an older
-        checkpoint would not fit either. By default the checksum is checked
-        before ``use`` runs, so a corrupt checkpoint never touches anything.
-        With ``overlap`` (only for a ``use`` without side effects, like building
-        a new model) the checksum runs in a thread while ``use`` reads the same
-        local file, about one pass instead of two; the result is returned only
-        once the checksum has matched.
-        """
+        """``use(manifest, local_path)`` on a checkpoint that verifies (see
+        :meth:`ckptmgr.integrity.Verifier.first_good`)."""
         candidates = [self._resolve_step(step)] if step is not None else list(reversed(self.steps()))
         if not candidates:
             self._resolve_step(None)  # raises a clear not-found error
-        problems: list[tuple[int, str]] = []
-        for candidate in candidates:
-            try:
-                result = self._use_verified(candidate, use, overlap)
-            except CorruptCheckpointError as exc:
-                if step is not None:
-                    raise
-                problems.append((candidate, _one_line(exc, candidate)))
-                log.warning("ckptmgr: %s", problems[-1][1])
-                continue
-            except CheckpointNotFoundError:
-                if step is not None:
-                    raise
-                continue  # pruned meanwhile
-            if problems:
-                log.warning(
-                    "ckptmgr: fell back from step %d to step %d, the newest checkpoint that verifies",
-                    problems[0][0], candidate,
-                )
-            return result
-        raise CorruptCheckpointError(
-            f"No checkpoint under {self.directory} verifies: " + "; ".join(p for _, p in problems)
-        )
-
-    def _use_verified(self, step: int, use, overlap: bool) -> tuple[Manifest, Any]:
-        manifest = self.manifest(step)
-        local = self.storage.local_path_of(manifest.archive)
-        if local is None or not overlap:  # remote: download while hashing, then use
-            with self.verified_archive(step) as (_, path):
-                return manifest, _incompatible_if_raises(use, manifest, path)
-        self._check_members(manifest)  # before Keras extracts anything
-        return manifest, self._use_while_hashing(manifest, local, use)
-
-    def _use_while_hashing(self, manifest: Manifest, path: str, use):
-        outcome: dict[str, BaseException] = {}
-
-        def check():
-            try:
-                self._check_archive(manifest, sink=None)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
-                outcome["error"] = exc
-
-        checker = threading.Thread(target=check, name="ckptmgr-verify")
-        checker.start()
-        try:
-            result = _incompatible_if_raises(use, manifest, path)
-        except Exception:
-            checker.join()
-            if "error" in outcome:  # the data was bad: report that, not its symptom
-                raise outcome["error"] from None
-            raise
-        checker.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return result
+        return self._verifier.first_good(candidates, use, explicit=step is not None, overlap=overlap)
 
     # -- restoring ----------------------------------------------------------------
     def prepare(self, model) -> None:
@@ -648,21 +511,12 @@ class CheckpointManager:
         """
         grace = self.sweep_grace_s if older_than_s is None else check_grace(older_than_s, "older_than_s")
         self.lease.check("sweeping leftovers")
-        return self.storage.sweep(grace, keep=self._claimed_archives(self.manifests()))
+        return self.storage.sweep(grace, {m.step: m.archive for m in self.manifests()})
 
     def leftovers(self, older_than_s: float | None = None) -> list[str]:
         """What :meth:`sweep` would remove now (names relative to the directory)."""
         grace = self.sweep_grace_s if older_than_s is None else check_grace(older_than_s, "older_than_s")
-        return self.storage.orphans(grace, keep=self._claimed_archives(self.manifests()))
-
-    def _claimed_archives(self, manifests: list[Manifest]) -> set[str]:
-        """Archive names sweeping must leave: named by a manifest, or of a step
-        whose manifest could not be read (never delete what might be data)."""
-        readable = {m.step for m in manifests}
-        keep = {m.archive for m in manifests}
-        unreadable = set(self.steps()) - readable
-        keep |= {archive_name(a.step, a.attempt) for a in self.storage.archives() if a.step in unreadable}
-        return keep
+        return self.storage.orphans(grace, {m.step: m.archive for m in self.manifests()})
 
     # -- exporting ----------------------------------------------------------------------
     def export_weights(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None, overwrite: bool = False) -> str:
@@ -748,58 +602,8 @@ def _keras_version(snapshot: ModelSnapshot) -> str:
         return ""
 
 
-def _one_line(exc: Exception, step: int) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if text.startswith("step ") else f"step {step}: {text}"
-
-
 def _short_list(steps: list[int]) -> str:
     if not steps:
         return "none"
     shown = ", ".join(str(s) for s in steps[-10:])
     return shown if len(steps) <= 10 else f"... {shown}"
-
-
-def _check_downloaded_members(path: str, manifest: Manifest) -> None:
-    with open(path, "rb") as f:
-        try:
-            check_layout(f, os.fstat(f.fileno()).st_size)
-        except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"step {manifest.step}: {manifest.archive}: {exc}") from None
-
-
-def _incompatible_if_raises(use: Callable[[Manifest, str], Any], manifest: Manifest, path: str) -> Any:
-    """Run ``use`` on a verified archive; its failures are the model's, not the data's."""
-    try:
-        return use(manifest, path)
-    except IncompatibleCheckpointError as exc:
-        if str(exc).startswith("step "):
-            raise
-        raise IncompatibleCheckpointError(f"step {manifest.step}: {exc}") from None
-    except CkptmgrError:
-        raise
-    except Exception as exc:
-        raise _loading_error(exc, manifest.step) from exc
-
-
-def _loading_error(exc: Exception, step: int) -> CkptmgrError:
-    text = str(exc)
-    if "Could not locate" in text or "custom_objects" in text and "not found" in text:
-        found = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
-        name = found.group(1) if found else "?"
-        return UnknownCustomObjectError(
-            f"step {step}: unknown custom object {name!r}. Pass custom_objects="
-            f"{{{name!r}: ...}}, or decorate it with "
-            "@keras.saving.register_keras_serializable() and import it first."
-        )
-    if "lambda" in text and "safe_mode" in text:
-        return UnsafeCheckpointError(
-            f"step {step}: the model contains a Python lambda, refused by safe_mode. "
-            "Load with safe_mode=False (CLI: --unsafe) only if you trust its source."
-        )
-    # Keras wraps the model's own error in a multi-line summary: keep all of it, on one line.
-    first = " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]
-    return IncompatibleCheckpointError(
-        f"step {step}: the checkpoint verifies, but the model's code cannot load it: "
-        f"{type(exc).__name__}: {first}"
-    )

@@ -109,3 +109,25 @@ def backend(request, tmp_path):
                 fs.rm(root, recursive=True)
         except Exception:  # noqa: BLE001 - cleanup only
             pass
+
+
+@pytest.fixture
+def fast_gcsfs_retries(monkeypatch):
+    """gcsfs sleeps ~1.5, 2.5, 4.5, 8.5, 16.5 s between its 6 attempts and has
+    no knob for it: swap the ``asyncio`` that ``gcsfs.retry`` sees for one
+    whose ``sleep`` barely waits (that module uses asyncio only to sleep).
+    Returns the delays gcsfs asked for."""
+    import asyncio
+    import types
+
+    import gcsfs.retry
+
+    real_sleep = asyncio.sleep
+    sleeps: list[float] = []
+
+    async def fast_sleep(delay, *args, **kwargs):
+        sleeps.append(delay)
+        await real_sleep(0.01)
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=fast_sleep))
+    return sleeps

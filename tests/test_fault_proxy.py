@@ -13,7 +13,6 @@ import os
 import socket
 import threading
 import time
-import types
 import uuid
 
 import fsspec
@@ -22,26 +21,6 @@ import pytest
 from fault_proxy import FaultProxy, Rule, describe_request, object_endswith
 
 OBJECT_STORES = ("gcs", "s3")
-
-
-@pytest.fixture
-def fast_gcsfs_retries(monkeypatch):
-    """gcsfs sleeps ~1.5, 2.5, 4.5, 8.5, 16.5 s between its 6 attempts and has
-    no knob for it: swap the ``asyncio`` that ``gcsfs.retry`` sees for one
-    whose ``sleep`` barely waits (that module uses asyncio only to sleep)."""
-    import asyncio
-
-    import gcsfs.retry
-
-    real_sleep = asyncio.sleep
-    sleeps: list[float] = []
-
-    async def fast_sleep(delay, *args, **kwargs):
-        sleeps.append(delay)
-        await real_sleep(0.01)
-
-    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=fast_sleep))
-    return sleeps
 
 
 class Through:

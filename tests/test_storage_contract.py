@@ -98,7 +98,7 @@ def test_commit_then_read_back(backend, s):
         f.seek(0)
         assert f.read(4) == data[:4]
     assert _cat(backend, _path(s, A(5))) == data
-    assert s.orphans(0, keep={A(5)}) == []
+    assert s.orphans(0, {5: A(5)}) == []
     if backend.name == "local":
         assert s.local_path_of(A(5)) == _path(s, A(5))
         with open(s.local_path_of(A(5)), "rb") as f:
@@ -137,7 +137,7 @@ def test_archive_without_manifest_is_an_orphan(backend, s):
     with s.open_archive_writer(A(3)) as w:
         w.write(b"half a checkpoint")
     orphan = A(3)
-    keep = {A(1)}
+    keep = {1: A(1)}
 
     assert s.committed_steps() == [1]
     assert not s.is_committed(3)
@@ -145,7 +145,7 @@ def test_archive_without_manifest_is_an_orphan(backend, s):
     assert s.orphans(0, keep) == []
     _later(backend)
     _commit(s, 4)
-    keep.add(A(4))
+    keep[4] = A(4)
     assert s.orphans(0, keep) == [orphan]
     assert s.orphans(3600, keep) == []
 
@@ -168,9 +168,9 @@ def test_leftovers_in_tmp_dir_are_swept(backend, s):
     _commit(s, 3)
 
     assert s.committed_steps() == [1, 3]
-    assert s.orphans(0, {A(1), A(3)}) == [".tmp/ckpt-000000002.keras.0123abcd.part"]
-    assert s.sweep(3600, {A(1), A(3)}) == []
-    assert len(s.sweep(0, {A(1), A(3)})) == 1
+    assert s.orphans(0, {1: A(1), 3: A(3)}) == [".tmp/ckpt-000000002.keras.0123abcd.part"]
+    assert s.sweep(3600, {1: A(1), 3: A(3)}) == []
+    assert len(s.sweep(0, {1: A(1), 3: A(3)})) == 1
     assert not _exists(backend, leftover)
     assert s.committed_steps() == [1, 3]
 
@@ -182,8 +182,8 @@ def test_pin_of_uncommitted_step_is_an_orphan(backend, s):
     _later(backend)
     _commit(s, 5)
     assert s.pinned_steps() == {1, 4}
-    assert s.orphans(0, {A(1), A(5)}) == ["ckpt-000000004.pin"]
-    s.sweep(0, {A(1), A(5)})
+    assert s.orphans(0, {1: A(1), 5: A(5)}) == ["ckpt-000000004.pin"]
+    s.sweep(0, {1: A(1), 5: A(5)})
     assert s.pinned_steps() == {1}
 
 
@@ -318,7 +318,7 @@ def test_delete_removes_manifest_first(backend, s):
     assert s.committed_steps() == [1]
     assert s.pinned_steps() == set()
     assert not _exists(backend, _path(s, A(2)))
-    assert s.orphans(0, {A(1)}) == []
+    assert s.orphans(0, {1: A(1)}) == []
     s.delete(2)  # deleting again (or a step that never existed) is a no-op
     s.delete(99)
 
@@ -339,8 +339,8 @@ def test_interrupted_delete_leaves_only_an_unlisted_orphan(monkeypatch, backend,
     _later(backend)
     _commit(s, 4)
     # ...until a newer commit shows the leftover is older than it.
-    assert s.orphans(0, {A(4)}) == [A(3)]
-    assert s.sweep(0, {A(4)}) == [s.url_of(A(3))]
+    assert s.orphans(0, {4: A(4)}) == [A(3)]
+    assert s.sweep(0, {4: A(4)}) == [s.url_of(A(3))]
     assert not _exists(backend, _path(s, A(3)))
 
 
@@ -504,8 +504,8 @@ def test_stray_and_odd_names_are_ignored_not_fatal(backend, s):
 
     assert s.committed_steps() == [2, 6]
     assert s.archives() and {a.step for a in s.archives()} == {2, 6}
-    assert s.orphans(0, {A(2), A(6)}) == []
-    assert s.sweep(0, {A(2), A(6)}) == []
+    assert s.orphans(0, {2: A(2), 6: A(6)}) == []
+    assert s.sweep(0, {2: A(2), 6: A(6)}) == []
     assert _exists(backend, f"{root}/ckpt-0000000003.json")  # not ours: never deleted
     assert _exists(backend, f"{root}/.tmp/subdir/file")
 
@@ -566,6 +566,19 @@ def test_local_symlinks_and_fifos_are_never_read_or_followed(tmp_path):
     with pytest.raises(CorruptCheckpointError):
         with s.open_archive(archive_name(4, ATTEMPT)):
             pass
-    assert s.orphans(0, {A(1)}) == []
-    s.sweep(0, {A(1)})
+    assert s.orphans(0, {1: A(1)}) == []
+    s.sweep(0, {1: A(1)})
     assert (outside / "victim.part").read_bytes() == b"precious"
+
+
+def test_sweep_never_takes_the_archive_of_a_step_committed_meanwhile(backend, s):
+    """The sweeper read manifests {1}; step 2 commits before it lists: step 2's
+    archive is named by a manifest the sweeper never saw, and must stay."""
+    _commit(s, 1)
+    claimed = {1: A(1)}  # what the sweeper read
+    _later(backend)
+    _commit(s, 2)  # lands between the sweeper's read and its listing
+    _later(backend)
+    assert s.sweep(0, claimed) == []
+    assert _exists(backend, _path(s, A(2)))
+    assert b"".join(s.iter_archive_chunks(A(2))) == b"archive"

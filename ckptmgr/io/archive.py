@@ -259,7 +259,8 @@ def read_json_member(archive: BinaryIO, name: str) -> dict[str, Any]:
         if len(data) > MAX_JSON_MEMBER_BYTES:
             raise ValueError(f"larger than {MAX_JSON_MEMBER_BYTES} bytes")
         return json.loads(data)
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, NotImplementedError,
+            RecursionError) as exc:
         raise CorruptCheckpointError(
             f"Cannot read {name} from the archive: {type(exc).__name__}: {exc}"
         ) from None

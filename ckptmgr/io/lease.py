@@ -27,7 +27,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckptmgr.errors import CheckpointExistsError, CorruptCheckpointError, WriterFencedError
+from ckptmgr.errors import CheckpointExistsError, CkptmgrError, WriterFencedError
 from ckptmgr.io.manifest import now_utc
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class WriterLease:
         try:
             raw = json.loads(self._storage.read_lease(token))
             return Lease(int(raw["token"]), str(raw["owner"]), str(raw["acquired"])).describe()
-        except (CorruptCheckpointError, ValueError, KeyError, TypeError):
+        except (CkptmgrError, ValueError, KeyError, TypeError, RecursionError):
             return f"lease {token}"
 
     def _forget_old(self, tokens: list[int]) -> None:

@@ -137,8 +137,8 @@ class Manifest(BaseModel):
             )
         try:
             raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(f"{where}: manifest is not JSON ({exc}).") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise CorruptCheckpointError(f"{where}: manifest is not JSON ({type(exc).__name__}).") from None
         if not isinstance(raw, dict):
             raise CorruptCheckpointError(f"{where}: manifest is not a JSON object.")
         _check_self_checksum(raw, where)

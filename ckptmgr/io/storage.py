@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
@@ -38,8 +38,6 @@ from fsspec.implementations.local import LocalFileSystem  # noqa: E402
 
 from ckptmgr import faults  # noqa: E402
 from ckptmgr.errors import (  # noqa: E402
-    CheckpointExistsError,
-    CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
     StorageError,
@@ -277,7 +275,11 @@ class Storage:
         raw.close()
 
     def _local_tmp_dir(self) -> str:
-        path = self._path(layout.TMP_DIR)
+        return self._own_local_dir(layout.TMP_DIR)
+
+    def _own_local_dir(self, sub: str) -> str:
+        """``root/sub`` as a real directory: never a symlink out of the root."""
+        path = self._path(sub)
         if os.path.islink(path):
             raise StorageError(
                 f"{path} is a symlink; ckptmgr writes only inside {self.url}. Remove the link."
@@ -289,7 +291,8 @@ class Storage:
         """Create a small file only if absent (``FileExistsError`` otherwise)."""
         path = self._path(name)
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if "/" in name:
+                self._own_local_dir(name.rsplit("/", 1)[0])
             atomic_create(path, data, self._local_tmp_dir())
         else:
             self.fs.pipe_file(path, data, mode="create")
@@ -313,6 +316,8 @@ class Storage:
 
     # -- leases (see ckptmgr.io.lease) ---------------------------------------
     def lease_tokens(self) -> list[int]:
+        if self.is_local and os.path.islink(self._path(layout.LEASE_DIR)):
+            self._own_local_dir(layout.LEASE_DIR)  # raises: never read leases through a link
         entries = self._entries(layout.LEASE_DIR)
         tokens = (layout.parse_lease_name(e.name) for e in entries if e.regular)
         return sorted(t for t in tokens if t is not None)
@@ -405,20 +410,30 @@ class Storage:
         except FileNotFoundError:
             pass
 
-    def orphans(self, older_than_s: float, keep: set[str] = frozenset()) -> list[str]:
+    def orphans(self, older_than_s: float, claimed: Mapping[int, str] | None = None) -> list[str]:
         """Leftovers of interrupted writes and deletes that may be swept.
 
-        An archive no manifest names, a pin without a manifest, a file in
-        ``.tmp``: only when older than ``older_than_s`` *and* older than the
-        newest manifest (so another writer's attempt in flight survives; with
-        no manifest at all nothing is swept), and not in ``keep`` (archive
-        names a manifest still claims).
+        ``claimed`` maps steps whose manifests the caller read to the archive
+        each names. Candidates: an archive of a step with no manifest, an
+        archive of a claimed step that its manifest does not name (a writer
+        that lost the race), a pin without a manifest, a file in ``.tmp``.
+        An archive of a step committed but not in ``claimed`` (committed after
+        the caller read, or unreadable) is always kept. Candidates go only
+        when older than ``older_than_s`` *and* older than the newest manifest
+        (so an attempt in flight survives; with no manifest nothing goes).
         """
+        claimed = claimed or {}
         recognised = self._recognised()
         committed = {p.step for p, _ in recognised if p.kind == "manifest"}
+
+        def unclaimed_archive(p: layout.Entry, name: str) -> bool:
+            if p.step not in committed:
+                return True
+            return p.step in claimed and claimed[p.step] != name
+
         candidates = [
             e.name for p, e in recognised
-            if (p.kind == "archive" and e.name not in keep)
+            if (p.kind == "archive" and unclaimed_archive(p, e.name))
             or (p.kind == "pin" and p.step not in committed)
         ]
         candidates += [f"{layout.TMP_DIR}/{n}" for n in self._tmp_leftovers()]
@@ -450,14 +465,14 @@ class Storage:
             return 0.0  # unknown age: too young to sweep
         return now - modified.timestamp()
 
-    def sweep(self, older_than_s: float = 3600.0, keep: set[str] = frozenset()) -> list[str]:
+    def sweep(self, older_than_s: float = 3600.0, claimed: Mapping[int, str] | None = None) -> list[str]:
         """Remove leftovers (see :meth:`orphans`); return their URLs.
 
         A leftover that cannot be removed is logged and skipped: sweeping is
         tidying and never fails a save.
         """
         removed = []
-        for name in self.orphans(older_than_s, keep):
+        for name in self.orphans(older_than_s, claimed):
             try:
                 with self._translate(f"sweeping {name}"):
                     self._rm_if_exists(self._path(name))

@@ -1,0 +1,256 @@
+"""Integrity: archives checked against their manifests, and restores that fall
+back only on corruption.
+
+Runs wherever a checkpoint is read (no TensorFlow needed to verify). The
+rules: a checksum or layout mismatch is corruption (``CorruptCheckpointError``)
+and the only reason to skip a checkpoint for an older one; a verified archive
+that the model cannot load is the model's problem
+(``IncompatibleCheckpointError``) and is raised, since an older checkpoint
+would not fit either. Every fallback is logged with both step numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ckptmgr.errors import (
+    CheckpointNotFoundError,
+    CkptmgrError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    UnknownCustomObjectError,
+    UnsafeCheckpointError,
+)
+from ckptmgr.io.archive import check_layout
+from ckptmgr.io.manifest import Manifest
+from ckptmgr.io.storage import Storage
+
+log = logging.getLogger("ckptmgr")
+
+Progress = Callable[[int, int], None]  # (bytes just read, total bytes)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    step: int
+    ok: bool
+    problem: str = ""  # one line naming the step and the file
+
+
+class Verifier:
+    """Checks the checkpoints of one directory.
+
+    Args:
+        storage: the directory.
+        manifest: reads and validates the manifest of a step.
+    """
+
+    def __init__(self, storage: Storage, manifest: Callable[[int], Manifest]):
+        self.storage = storage
+        self._manifest = manifest
+
+    def orphans(self, committed: set[int]) -> list[VerifyResult]:
+        """Archives whose step has no manifest: reported, not restorable."""
+        return [
+            VerifyResult(step, False, (
+                f"step {step}: orphan archive without a manifest (an interrupted "
+                "write or a deleted manifest); not restorable, swept after the grace time"))
+            for step in sorted({a.step for a in self.storage.archives()} - committed)
+        ]
+
+    def verify_step(self, step: int, progress: Progress | None = None) -> VerifyResult:
+        try:
+            manifest = self._manifest(step)
+            self._check_archive(manifest, sink=None, progress=progress)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            return VerifyResult(step, False, one_line(exc, step))
+        return VerifyResult(step, True)
+
+    def _check_archive(self, manifest: Manifest, sink, progress: Progress | None = None) -> None:
+        """Stream the archive once, hashing it (and copying it into ``sink``);
+        then check its members (local files only: remote ones are checked
+        after download, see :meth:`verified_archive`)."""
+        step, name, entry = manifest.step, manifest.archive, manifest.archive_entry
+        try:
+            size = self.storage.file_size(name)
+        except CheckpointNotFoundError:
+            raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"step {step}: {exc}") from None
+        if size != entry.bytes:
+            raise CorruptCheckpointError(
+                f"step {step}: {name} is truncated or altered "
+                f"({size} bytes, manifest says {entry.bytes})"
+            )
+        digest = hashlib.sha256()
+        for chunk in self.storage.iter_archive_chunks(name):
+            digest.update(chunk)
+            if sink is not None:
+                sink.write(chunk)
+            if progress is not None:
+                progress(len(chunk), entry.bytes)
+        if digest.hexdigest() != entry.sha256:
+            raise CorruptCheckpointError(
+                f"step {step}: {name} is corrupt (sha256 {digest.hexdigest()[:12]}..., "
+                f"manifest says {entry.sha256[:12]}...)"
+            )
+        if self.storage.is_local:
+            self._check_members(manifest)
+
+    def _check_members(self, manifest: Manifest) -> None:
+        """The archive holds only what a ``.keras`` file holds (see ``check_layout``)."""
+        step, name = manifest.step, manifest.archive
+        try:
+            with self.storage.open_archive(name) as f:
+                check_layout(f, self.storage.file_size(name))
+        except CheckpointNotFoundError:
+            raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"step {step}: {name}: {exc}") from None
+
+    @contextmanager
+    def verified_archive(self, manifest: Manifest, *, progress: Progress | None = None) -> Iterator[tuple[Manifest, str]]:
+        """A local path to a verified archive (downloaded if remote)."""
+        local = self.storage.local_path_of(manifest.archive)
+        if local is not None:
+            self._check_archive(manifest, sink=None, progress=progress)
+            yield manifest, local
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f"ckptmgr-{manifest.step}-", suffix=".keras")
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                self._check_archive(manifest, sink=sink, progress=progress)
+            _check_downloaded_members(tmp, manifest)
+            yield manifest, tmp
+        finally:
+            os.remove(tmp)
+
+    def first_good(self, candidates: list[int], use: Callable[[Manifest, str], Any], *,
+                   explicit: bool, overlap: bool = False) -> tuple[Manifest, Any]:
+        """``use(manifest, local_path)`` on the first of ``candidates`` that verifies.
+
+        Explicit step (one candidate): that one or an error. Otherwise the newest that verifies;
+        corrupt newer ones are skipped with a warning naming both steps. Only
+        corruption falls back: if ``use`` fails on a verified archive (model
+        code, another architecture) the error is raised, since an older
+        checkpoint would not fit either. By default the checksum is checked
+        before ``use`` runs, so a corrupt checkpoint never touches anything.
+        With ``overlap`` (only for a ``use`` without side effects, like building
+        a new model) the checksum runs in a thread while ``use`` reads the same
+        local file, about one pass instead of two; the result is returned only
+        once the checksum has matched.
+        """
+        problems: list[tuple[int, str]] = []
+        for candidate in candidates:
+            try:
+                result = self._use_verified(candidate, use, overlap)
+            except CorruptCheckpointError as exc:
+                if explicit:
+                    raise
+                problems.append((candidate, one_line(exc, candidate)))
+                log.warning("ckptmgr: %s", problems[-1][1])
+                continue
+            except CheckpointNotFoundError:
+                if explicit:
+                    raise
+                continue  # pruned meanwhile
+            if problems:
+                log.warning(
+                    "ckptmgr: fell back from step %d to step %d, the newest checkpoint that verifies",
+                    problems[0][0], candidate,
+                )
+            return result
+        raise CorruptCheckpointError(
+            f"No checkpoint under {self.storage.url} verifies: " + "; ".join(p for _, p in problems)
+        )
+
+    def _use_verified(self, step: int, use, overlap: bool) -> tuple[Manifest, Any]:
+        manifest = self._manifest(step)
+        local = self.storage.local_path_of(manifest.archive)
+        if local is None or not overlap:  # remote: download while hashing, then use
+            with self.verified_archive(manifest) as (_, path):
+                return manifest, _incompatible_if_raises(use, manifest, path)
+        self._check_members(manifest)  # before Keras extracts anything
+        return manifest, self._use_while_hashing(manifest, local, use)
+
+    def _use_while_hashing(self, manifest: Manifest, path: str, use):
+        outcome: dict[str, BaseException] = {}
+
+        def check():
+            try:
+                self._check_archive(manifest, sink=None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                outcome["error"] = exc
+
+        checker = threading.Thread(target=check, name="ckptmgr-verify")
+        checker.start()
+        try:
+            result = _incompatible_if_raises(use, manifest, path)
+        except Exception:
+            checker.join()
+            if "error" in outcome:  # the data was bad: report that, not its symptom
+                raise outcome["error"] from None
+            raise
+        checker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return result
+
+
+def one_line(exc: Exception, step: int) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if text.startswith("step ") else f"step {step}: {text}"
+
+
+def _check_downloaded_members(path: str, manifest: Manifest) -> None:
+    with open(path, "rb") as f:
+        try:
+            check_layout(f, os.fstat(f.fileno()).st_size)
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"step {manifest.step}: {manifest.archive}: {exc}") from None
+
+
+def _incompatible_if_raises(use: Callable[[Manifest, str], Any], manifest: Manifest, path: str) -> Any:
+    """Run ``use`` on a verified archive; its failures are the model's, not the data's."""
+    try:
+        return use(manifest, path)
+    except IncompatibleCheckpointError as exc:
+        if str(exc).startswith("step "):
+            raise
+        raise IncompatibleCheckpointError(f"step {manifest.step}: {exc}") from None
+    except CkptmgrError:
+        raise
+    except Exception as exc:
+        raise _loading_error(exc, manifest.step) from exc
+
+
+def _loading_error(exc: Exception, step: int) -> CkptmgrError:
+    text = str(exc)
+    if "Could not locate" in text or "custom_objects" in text and "not found" in text:
+        found = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
+        name = found.group(1) if found else "?"
+        return UnknownCustomObjectError(
+            f"step {step}: unknown custom object {name!r}. Pass custom_objects="
+            f"{{{name!r}: ...}}, or decorate it with "
+            "@keras.saving.register_keras_serializable() and import it first."
+        )
+    if "lambda" in text and "safe_mode" in text:
+        return UnsafeCheckpointError(
+            f"step {step}: the model contains a Python lambda, refused by safe_mode. "
+            "Load with safe_mode=False (CLI: --unsafe) only if you trust its source."
+        )
+    # Keras wraps the model's own error in a multi-line summary: keep all of it, on one line.
+    first = " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]
+    return IncompatibleCheckpointError(
+        f"step {step}: the checkpoint verifies, but the model's code cannot load it: "
+        f"{type(exc).__name__}: {first}"
+    )
