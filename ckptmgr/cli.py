@@ -509,6 +509,17 @@ def unpin(
     _out(f"unpinned step {step}")
 
 
+@app.command()
+def lease(
+    url: str = UrlArg,
+    storage_option: Optional[list[str]] = StorageOpt,
+) -> None:
+    """Show which writer holds the directory. The newest claim wins: a job that
+    starts writing here takes over by itself and the previous writer is fenced."""
+    holder = _manager(url, storage_option).lease.current()
+    _out(holder.describe() if holder else f"no writer has claimed {url}")
+
+
 # -- the example job -------------------------------------------------------------
 
 ConfigArg = typer.Argument(..., help="YAML job config, e.g. configs/local.yaml.", metavar="CONFIG", show_default=False)

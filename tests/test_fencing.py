@@ -140,3 +140,18 @@ def _save(manager: CheckpointManager, step: int):
     from writer_worker import snapshot
 
     return manager.write_snapshot(step, snapshot(step))
+
+
+def test_cli_lease_names_the_holder(tmp_path):
+    url = str(tmp_path / "run")
+    run = lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "ckptmgr.cli", "lease", url], capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120,
+    )
+    os.makedirs(url)
+    assert run().stdout.strip() == f"no writer has claimed {url}"
+    manager = CheckpointManager(url)
+    manager.claim()
+    CheckpointManager(url).claim()
+    out = run().stdout.strip()
+    assert out.startswith("lease 2 held by ") and f":{os.getpid()} since " in out

@@ -109,6 +109,17 @@ class WriterLease:
                 "a checkpoint directory; stop this one (the newest launch wins)."
             )
 
+    def current(self) -> Lease | None:
+        """The newest claim on the directory (None if nobody ever claimed it)."""
+        tokens = self._storage.lease_tokens()
+        if not tokens:
+            return None
+        try:
+            raw = json.loads(self._storage.read_lease(tokens[-1]))
+            return Lease(int(raw["token"]), str(raw["owner"]), str(raw["acquired"]))
+        except (CkptmgrError, ValueError, KeyError, TypeError, RecursionError):
+            return Lease(tokens[-1], "?", "?")
+
     def _describe(self, token: int) -> str:
         try:
             raw = json.loads(self._storage.read_lease(token))
