@@ -8,8 +8,10 @@ directories under checkpoint names, a symlinked ``.tmp``/``.lease``, export
 destinations inside the root.
 
 The CLI runs as a subprocess under ``RLIMIT_AS`` (3 GiB), with a 60 s timeout;
-its peak RSS comes from ``wait4``. In-process calls are measured with the
-process's peak RSS (``ru_maxrss``) against its RSS before the call.
+its RSS is sampled every 10 ms. (``wait4``'s ``ru_maxrss`` would not do: a
+child started by ``vfork`` from a big pytest process inherits the parent's
+high-water mark across ``exec``.) In-process calls are measured the same way,
+by sampling this process's RSS against its RSS before the call.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import stat  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 import zipfile  # noqa: E402
@@ -86,20 +88,21 @@ def cli(*args, cwd=None, timeout: float = CLI_TIMEOUT_S) -> CliResult:
             stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd,
         )
         deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                out.seek(0), err.seek(0)
-                pytest.fail(
-                    f"ckptmgr {' '.join(args)} hung for {timeout} s\nstdout:\n"
-                    f"{out.read().decode(errors='replace')}\nstderr:\n{err.read().decode(errors='replace')}"
-                )
-            time.sleep(0.02)
+        with RssSampler(proc.pid) as sampler:
+            while True:
+                pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    os.wait4(proc.pid, 0)
+                    proc.returncode = -9
+                    out.seek(0), err.seek(0)
+                    pytest.fail(
+                        f"ckptmgr {' '.join(args)} hung for {timeout} s\nstdout:\n"
+                        f"{out.read().decode(errors='replace')}\nstderr:\n{err.read().decode(errors='replace')}"
+                    )
+                time.sleep(0.02)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         return CliResult(
@@ -107,8 +110,39 @@ def cli(*args, cwd=None, timeout: float = CLI_TIMEOUT_S) -> CliResult:
             proc.returncode,
             out.read().decode(errors="replace"),
             err.read().decode(errors="replace"),
-            usage.ru_maxrss * 1024,
+            sampler.peak,
         )
+
+
+class RssSampler:
+    """The highest RSS of one process, sampled every 10 ms in a thread."""
+
+    def __init__(self, pid: int | None = None):
+        self._process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            self.peak = max(self.peak, self._process.memory_info().rss)
+        except psutil.Error:  # exited
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self._sample()
+
+    def __enter__(self) -> "RssSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return False
 
 
 def error_lines(result: CliResult) -> list[str]:
@@ -258,15 +292,16 @@ def find_named(where: Path, token: str) -> list[str]:
 
 
 class PeakGrowth:
-    """How far this process's peak RSS rose above its RSS at entry."""
+    """How far this process's RSS rose above its RSS at entry (sampled)."""
 
     def __enter__(self):
         self.before = psutil.Process().memory_info().rss
+        self._sampler = RssSampler().__enter__()
         return self
 
     def __exit__(self, *exc):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.growth = max(0, peak - self.before)
+        self._sampler.__exit__(*exc)
+        self.growth = max(0, self._sampler.peak - self.before)
         return False
 
 
