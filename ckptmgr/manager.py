@@ -311,13 +311,13 @@ class CheckpointManager:
             ),
             world=dict(world or {}),
         ).sealed()
-        if pin:
-            self.storage.write_pin(step, True)
         faults.crash_point("before_manifest")
         self.lease.check(f"committing step {step}")
         committed = self._commit(manifest)
         if committed is not manifest:
             return committed
+        if pin:  # after the commit: a crashed or lost attempt must not pin another's step
+            self.storage.write_pin(step, True)
         log.info(
             "ckptmgr: saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
             step, size, blocked_s, write_s, manifest.stats.mb_per_s,

@@ -240,3 +240,27 @@ def test_load_without_the_custom_class_is_not_corruption(tmp_path):
     with pytest.raises(UnknownCustomObjectError, match="step 2"):
         mgr.load()
     assert isinstance(Manifest, type)
+
+
+def test_a_pinned_save_that_dies_before_its_commit_pins_nothing(tmp_path, monkeypatch):
+    """Otherwise the stray pin would protect whatever later commits that step."""
+    import ckptmgr.manager as manager_mod
+
+    class Died(RuntimeError):
+        pass
+
+    def crash(name):
+        if name == "before_manifest":
+            raise Died(name)
+
+    mgr = CheckpointManager(tmp_path / "run", keep_last=1)
+    model = small_model()
+    mgr.save(1, model)
+    monkeypatch.setattr(manager_mod.faults, "crash_point", crash)
+    with pytest.raises(Died):
+        mgr.save(2, model, pin=True)
+    monkeypatch.undo()
+    assert mgr.storage.pinned_steps() == set()
+    mgr.save(2, model)
+    mgr.save(3, model)
+    assert mgr.steps() == [3]  # step 2 was never pinned, so keep_last=1 pruned it
