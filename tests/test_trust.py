@@ -81,7 +81,7 @@ def test_fit_with_a_diverging_loss_keeps_checkpointing(tmp_path):
     assert mgr.load() is not None
 
 
-def test_schema_1_manifest_with_null_metric_and_naive_time_still_reads(tmp_path):
+def test_schema_1_manifest_with_null_metric_and_naive_time_still_reads(tmp_path, caplog):
     mgr = CheckpointManager(tmp_path / "run")
     mgr.save(1, small_model())
     path = tmp_path / "run" / manifest_name(1)
@@ -93,7 +93,9 @@ def test_schema_1_manifest_with_null_metric_and_naive_time_still_reads(tmp_path)
     data["files"] = {"ckpt-000000001.keras": data["files"].popitem()[1]}
     os.rename(next((tmp_path / "run").glob("ckpt-000000001-*.keras")), tmp_path / "run" / "ckpt-000000001.keras")
     path.write_text(json.dumps(data))
-    manifest = mgr.manifest(1)
+    with caplog.at_level(logging.WARNING, logger="ckptmgr"):
+        manifest = mgr.manifest(1)
+    assert any("no time zone; read as UTC" in r.getMessage() for r in caplog.records)
     assert math.isnan(manifest.metrics["loss"])
     assert manifest.created.utcoffset() is not None
     assert mgr.verify(1)[0].ok

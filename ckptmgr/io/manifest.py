@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from datetime import datetime, timezone
 from typing import Any
@@ -29,6 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ckptmgr.errors import CorruptCheckpointError
 from ckptmgr.io.layout import is_archive_of
+
+log = logging.getLogger("ckptmgr")
+_reported_naive: set[str] = set()
 
 SCHEMA_VERSION = 2
 MAX_MANIFEST_BYTES = 1024 * 1024  # ours are a few KB; never read more than this
@@ -142,6 +146,7 @@ class Manifest(BaseModel):
         if not isinstance(raw, dict):
             raise CorruptCheckpointError(f"{where}: manifest is not a JSON object.")
         _check_self_checksum(raw, where)
+        _warn_if_naive(raw.get("created"), where)
         try:
             manifest = cls.model_validate(raw)
         except ValidationError as exc:
@@ -179,6 +184,16 @@ def _check_self_checksum(raw: dict[str, Any], where: str) -> None:
         raise CorruptCheckpointError(
             f"{where}: manifest checksum mismatch (edited or bit rot); the checkpoint is not trusted."
         )
+
+
+def _warn_if_naive(created: Any, where: str) -> None:
+    try:
+        naive = isinstance(created, str) and datetime.fromisoformat(created).tzinfo is None
+    except ValueError:
+        return  # validation reports it
+    if naive and where not in _reported_naive:  # once per manifest and process
+        _reported_naive.add(where)
+        log.warning("ckptmgr: %s: created %r has no time zone; read as UTC", where, created)
 
 
 def now_utc() -> datetime:
