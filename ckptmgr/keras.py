@@ -144,15 +144,22 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._global_step = self._last_saved_step = manifest.step
         loop = manifest.loop or LoopState()
         apply_training_state(self.model, TrainingState.from_json(loop.training))
-        self.model._initial_epoch = loop.next_epoch
-        self._epoch = loop.next_epoch
-        if loop.next_batch > 0:
-            self._skip = (loop.next_epoch, loop.next_batch)
-            self._install_skipper(loop.next_batch)
-        log.info(
-            "ckptmgr: resumed from step %d (epoch %d, batch %d)",
-            manifest.step, loop.next_epoch, loop.next_batch,
-        )
+        next_epoch, next_batch = self._resume_position(loop)
+        self.model._initial_epoch = next_epoch
+        self._epoch = next_epoch
+        if next_batch > 0:
+            self._skip = (next_epoch, next_batch)
+            self._install_skipper(next_batch)
+        log.info("ckptmgr: resumed from step %d (epoch %d, batch %d)", manifest.step, next_epoch, next_batch)
+
+    def _resume_position(self, loop: LoopState) -> tuple[int, int]:
+        """Where to continue. A batch save on an epoch's last batch leaves nothing
+        of that epoch to train: continue with the next one (an epoch of skipped
+        batches only would end with unbuilt metrics, and Keras would refuse)."""
+        steps = (self.params or {}).get("steps")
+        if steps and loop.next_batch >= steps:
+            return loop.next_epoch + 1, 0
+        return loop.next_epoch, loop.next_batch
 
     def _install_skipper(self, batches: int) -> None:
         """Consume ``batches`` of the resumed epoch without training on them."""

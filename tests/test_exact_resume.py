@@ -86,8 +86,11 @@ def _determinism():
     [
         ("epoch", 10, (1, 0)),  # last save at end of epoch 0 (step 6)
         (4, 11, (1, 2)),  # last save at step 8: epoch 1, 2 batches in
+        # A batch save on an epoch's last batch (step 6 of 6): resuming used to
+        # skip a whole epoch of batches and crash on unbuilt metrics (issue 9).
+        (6, 8, (0, 6)),
     ],
-    ids=["epoch", "mid-epoch"],
+    ids=["epoch", "mid-epoch", "batch-save-at-epoch-end"],
 )
 def test_resume_is_bit_identical(tmp_path, save_freq, interrupt_at, resumed_at):
     reference, _, ref_history = _fit(tmp_path / "reference", save_freq)
