@@ -202,7 +202,8 @@ class StatePlan:
                     )
 
     def is_current(self, model) -> bool:
-        """False when variables were added since planning (re-plan then)."""
+        """False when any tracked variable object changed since planning: a new
+        optimizer (a recompile), added layers, a changed ``trainable``."""
         return model is self._model and _variable_signature(model) == self._signature
 
     @property
@@ -277,10 +278,20 @@ def plan_for(model, plan: "StatePlan | None" = None) -> "StatePlan":
     return plan if plan is not None and plan.is_current(model) else StatePlan(model)
 
 
-def _variable_signature(model) -> tuple[int, int]:
+def _variable_signature(model) -> tuple:
+    """The identity of every tracked variable, and whether it trains.
+
+    Identities, not counts: a recompile with a new optimizer of the same size
+    has the same counts but other objects. (A plan holds references to the
+    variables it planned, so their ids cannot be reused while it lives.)
+    """
     optimizer = getattr(model, "optimizer", None)
-    n_opt = len(optimizer.variables) if optimizer is not None else 0
-    return (len(model.variables), n_opt)
+    optimizer_vars = list(optimizer.variables) if optimizer is not None else []
+    return (
+        id(optimizer),
+        tuple((id(v), bool(getattr(v, "trainable", True))) for v in model.variables),
+        tuple(id(v) for v in optimizer_vars),
+    )
 
 
 def _host(value) -> np.ndarray:

@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import hashlib  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
@@ -631,3 +632,26 @@ def test_archive_is_a_plain_zip_even_when_written_non_blocking(mgr, model, direc
     with zipfile.ZipFile(archive_file(directory, 1)) as zf:
         assert zf.testzip() is None
         assert zf.namelist() == ["metadata.json", "config.json", "model.weights.h5"]
+
+
+def test_recompile_with_a_same_size_optimizer_saves_the_new_one(tmp_path):
+    """The cached capture plan must follow the objects, not their count
+    (issue 9): after compile() with a new Adam, the new one's state is saved."""
+    import h5py
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.Adam(0.001), loss="mse")
+    x, y = np.ones((8, 4), "float32"), np.ones((8, 3), "float32")
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)  # 2 iterations
+    mgr = CheckpointManager(tmp_path / "run")
+    mgr.save(1, model)
+    model.compile(optimizer=keras.optimizers.Adam(0.0001), loss="mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 1 iteration of the new one
+    mgr.save(2, model)
+    with zipfile.ZipFile(mgr.local_archive_path(2)) as zf:
+        config = json.loads(zf.read("config.json"))
+        zf.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as h5:
+        assert int(h5["optimizer/vars/0"][()]) == 1  # iterations of the new optimizer
+        assert float(h5["optimizer/vars/1"][()]) == pytest.approx(0.0001)  # its learning rate
+    assert config["compile_config"]["optimizer"]["config"]["learning_rate"] == pytest.approx(0.0001)
