@@ -32,7 +32,7 @@ from ckptmgr.errors import (
     CorruptCheckpointError,
 )
 from ckptmgr.integrity import Progress, Verifier, VerifyResult
-from ckptmgr.io.archive import ModelSnapshot, open_weights, write_keras_archive, write_weights_only
+from ckptmgr.io.archive import ModelSnapshot, open_weights, read_json_member, write_keras_archive, write_weights_only
 from ckptmgr.io.destination import copy_to_destination
 from ckptmgr.io.layout import archive_name, manifest_name, new_attempt_id
 from ckptmgr.io.lease import WriterLease
@@ -430,18 +430,19 @@ class CheckpointManager:
         """Load weights and optimizer state into an existing, built ``model``.
 
         With ``step=None`` the newest checkpoint that verifies is used; corrupt
-        newer ones are skipped with a warning. A checkpoint that verifies but
-        does not fit the model raises ``IncompatibleCheckpointError`` (no
-        fallback). Returns the restored manifest (its ``loop`` says where
+        newer ones are skipped with a warning. An unbuilt model is first built
+        from the checkpoint's ``build_config`` (as ``load_model`` does). A
+        checkpoint that verifies but does not fit the model raises
+        ``IncompatibleCheckpointError`` (no fallback). Returns the restored manifest (its ``loop`` says where
         training continues).
         """
-        from ckptmgr.state import apply_weights, require_built
-
-        require_built(model)
+        from ckptmgr.state import apply_weights, build_if_needed
 
         def apply(manifest: Manifest, path: str) -> None:
-            with open(path, "rb") as f, open_weights(f) as h5:
-                apply_weights(model, h5)
+            with open(path, "rb") as f:
+                build_if_needed(model, read_json_member(f, "config.json"))
+                with open_weights(f) as h5:
+                    apply_weights(model, h5)
 
         manifest, _ = self._first_good(step, apply)
         return manifest

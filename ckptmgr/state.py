@@ -328,7 +328,7 @@ def model_config_json(model) -> str:
 def ensure_built_optimizer(model) -> None:
     """Build the optimizer's slots so its saved state has somewhere to go."""
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and not optimizer.built and model.built:
+    if optimizer is not None and not optimizer.built and model.variables:
         optimizer.build(model.trainable_variables)
 
 
@@ -368,13 +368,28 @@ def apply_weights(model, h5file) -> None:
         )
 
 
-def require_built(model) -> None:
-    """Restoring into an unbuilt model would load nothing: refuse it."""
-    if not getattr(model, "built", False) or not model.variables:
+def build_if_needed(model, config: dict[str, Any]) -> None:
+    """Build an unbuilt model from the checkpoint's ``build_config``, as
+    ``load_model`` does; refuse in one line when that gives no variables
+    (restoring into a model without variables would load nothing)."""
+    if model.variables:
+        return
+    build_config = config.get("build_config")
+    name = getattr(model, "name", model)
+    if build_config:
+        try:
+            model.build_from_config(build_config)
+        except Exception as exc:  # noqa: BLE001 - the model's own code: say what failed
+            raise IncompatibleCheckpointError(
+                f"Cannot build model {name!r} from the checkpoint's build_config "
+                f"{build_config}: {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
+    if not model.variables:
         raise IncompatibleCheckpointError(
-            f"Cannot restore into model {getattr(model, 'name', model)!r}: it is not built "
-            "(it has no variables yet). Build it first, e.g. model.build(input_shape) or "
-            "call it on one batch, or use CheckpointManager.load() to get a new model."
+            f"Cannot restore into model {name!r}: it is not built (no variables) and "
+            f"the checkpoint's build_config {build_config} does not build it. Build it "
+            "first, e.g. model.build(input_shape) or call it on one batch, or use "
+            "CheckpointManager.load() to get a new model."
         )
 
 

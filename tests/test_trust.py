@@ -210,21 +210,48 @@ def test_changed_architecture_is_reported_once_without_fallback(three_steps, cap
     assert not [r for r in caplog.records if "step 2" in r.getMessage()]  # no fallback tried
 
 
-def test_restore_into_unbuilt_model_is_refused(three_steps):
+class Sub(keras.Model):
+    def __init__(self, units=3, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(units, name="dense")
+
+    def call(self, x):
+        return self.dense(x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.Sequential([keras.layers.Dense(3, name="dense")]),
+    lambda: Sub(),
+], ids=["sequential", "subclassed"])
+def test_restore_into_an_unbuilt_model_builds_it_from_the_checkpoint(tmp_path, make):
+    """As load_model does (issue 9); it used to restore nothing and say success."""
+    saved = make()
+    saved.compile(optimizer="adam", loss="mse")
+    saved.fit(np.ones((4, 4)), np.full((4, 3), 2.0), verbose=0)
+    mgr = CheckpointManager(tmp_path / "run")
+    mgr.save(1, saved)
+    fresh = make()
+    fresh.compile(optimizer="adam", loss="mse")
+    assert not fresh.variables
+    mgr.restore(fresh)
+    for a, b in zip(saved.weights + saved.optimizer.variables,
+                    fresh.weights + fresh.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_restore_into_a_model_that_cannot_be_built_is_refused(three_steps):
+    """A model whose build does not create variables: one line, no success."""
     mgr, _ = three_steps
 
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = keras.layers.Dense(3)
+    class Hollow(keras.Model):
+        def build(self, input_shape):
+            pass  # creates nothing
 
         def call(self, x):
-            return self.dense(x)
+            return x
 
     with pytest.raises(IncompatibleCheckpointError, match="not built"):
-        mgr.restore(Sub())
-    with pytest.raises(IncompatibleCheckpointError, match="not built"):
-        mgr.restore(keras.Sequential([keras.layers.Dense(3)]))
+        mgr.restore(Hollow())
 
 
 def test_load_without_the_custom_class_is_not_corruption(tmp_path):
