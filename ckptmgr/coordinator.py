@@ -131,7 +131,7 @@ class Coordinator:
             ))
             return
         if self.options.on_busy == "skip" and self._writing is not None:
-            log.warning("ckptmgr: step %d skipped: step %d still writing (on_busy='skip')",
+            log.warning("step %d skipped: step %d still writing (on_busy='skip')",
                         step, self._writing)
             result.set_result({"skipped": True, "step": step})
             return
@@ -186,7 +186,7 @@ class Coordinator:
                     f"step {step} timed out: no part from ranks {missing} (waited {waited}; "
                     f"ranks {sorted(parts)} arrived). Nothing was written for this step."
                 ))
-                log.error("ckptmgr: %s", self._results[step].exception())
+                log.error("%s", self._results[step].exception())
 
     # -- retention on a timer ----------------------------------------------------
     def _prune_loop(self) -> None:
@@ -200,7 +200,7 @@ class Coordinator:
             try:
                 return list(self.manager.prune().deleted)
             except Exception as exc:  # noqa: BLE001 - keep the timer alive, say why
-                log.error("ckptmgr: scheduled prune failed: %s", exc)
+                log.error("scheduled prune failed: %s", exc)
                 return []
 
     # -- queries -------------------------------------------------------------------
@@ -216,7 +216,7 @@ class Coordinator:
             result = self.manager.verify(step)[0]
             if result.ok:
                 return step
-            log.warning("ckptmgr: %s; falling back to an older checkpoint", result.problem)
+            log.warning("%s; falling back to an older checkpoint", result.problem)
         return None
 
     def options_(self) -> CoordinatorOptions:

@@ -56,7 +56,7 @@ def install_sigterm_handler() -> bool:
         return True
 
     def on_sigterm(signum, frame):
-        log.warning("ckptmgr: SIGTERM received; taking an emergency checkpoint")
+        log.warning("SIGTERM received; taking an emergency checkpoint")
         _preempted.set()
 
     on_sigterm._ckptmgr = True  # type: ignore[attr-defined]
@@ -124,7 +124,7 @@ class CoordinatorClient:
             return ray.get(getattr(self._actor(), method).remote(*args), timeout=timeout)
         except ray.exceptions.RayActorError:
             # The coordinator died (ray.kill, node loss): a new one carries on.
-            log.warning("ckptmgr: coordinator died; starting a new one")
+            log.warning("coordinator died; starting a new one")
             self._handle = get_or_create(self.options)
             return ray.get(getattr(self._handle, method).remote(*args), timeout=timeout)
 
@@ -158,10 +158,10 @@ class CoordinatorClient:
 
         if self._in_flight is not None and not self._in_flight.done():
             if self.options.on_busy == "skip":
-                log.warning("ckptmgr: rank %d: previous save still in flight; skipping step %d",
+                log.warning("rank %d: previous save still in flight; skipping step %d",
                             self.rank, step)
                 return None
-            log.info("ckptmgr: rank %d: waiting for the previous save", self.rank)
+            log.info("rank %d: waiting for the previous save", self.rank)
         self._finish_previous()
         started = time.perf_counter()
         self._plan = plan_for(model, self._plan)
@@ -189,7 +189,7 @@ class CoordinatorClient:
             return result
         stats = result["manifest"]["stats"]
         if self.rank == 0:
-            log.info("ckptmgr: saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
+            log.info("saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
                      step, stats["bytes"], blocked_s, stats["write_s"], stats["mb_per_s"])
         return result
 
@@ -280,7 +280,7 @@ class CoordinatorClient:
             self.wait_until_finished(timeout_s=max(0.0, deadline - time.monotonic()))
             return True
         except (TimeoutError, DistributedSaveError) as exc:
-            log.error("ckptmgr: emergency checkpoint of step %d abandoned: %s", step, exc)
+            log.error("emergency checkpoint of step %d abandoned: %s", step, exc)
             return False
 
     def close(self) -> None:

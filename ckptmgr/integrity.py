@@ -157,7 +157,7 @@ class Verifier:
                 if explicit:
                     raise
                 problems.append((candidate, one_line(exc, candidate)))
-                log.warning("ckptmgr: %s", problems[-1][1])
+                log.warning("%s", problems[-1][1])
                 continue
             except CheckpointNotFoundError:
                 if explicit:
@@ -165,7 +165,7 @@ class Verifier:
                 continue  # pruned meanwhile
             if problems:
                 log.warning(
-                    "ckptmgr: fell back from step %d to step %d, the newest checkpoint that verifies",
+                    "fell back from step %d to step %d, the newest checkpoint that verifies",
                     problems[0][0], candidate,
                 )
             return result

@@ -150,7 +150,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         if next_batch > 0:
             self._skip = (next_epoch, next_batch)
             self._install_skipper(next_batch)
-        log.info("ckptmgr: resumed from step %d (epoch %d, batch %d)", manifest.step, next_epoch, next_batch)
+        log.info("resumed from step %d (epoch %d, batch %d)", manifest.step, next_epoch, next_batch)
 
     def _resume_position(self, loop: LoopState) -> tuple[int, int]:
         """Where to continue. A batch save on an epoch's last batch leaves nothing
@@ -228,7 +228,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             ok = True
         if ok:
             self._last_saved_step = self._global_step
-        log.warning("ckptmgr: emergency checkpoint at step %d %s; stopping training",
+        log.warning("emergency checkpoint at step %d %s; stopping training",
                     self._global_step, "committed" if ok else "abandoned")
         self.preempted = True
         self._emergency_target = None

@@ -157,7 +157,7 @@ class CheckpointManager:
             except CheckpointNotFoundError:
                 continue
             except CorruptCheckpointError as exc:
-                log.warning("ckptmgr: %s", exc)
+                log.warning("%s", exc)
         return found
 
     def _resolve_step(self, step: int | None) -> int:
@@ -232,9 +232,9 @@ class CheckpointManager:
             self._raise_if_failed(pending)
             return True
         if self.on_busy == "skip" and may_skip:
-            log.warning("ckptmgr: previous save still writing; skipping this save (on_busy='skip')")
+            log.warning("previous save still writing; skipping this save (on_busy='skip')")
             return False
-        log.info("ckptmgr: previous save still writing; waiting (on_busy='wait')")
+        log.info("previous save still writing; waiting (on_busy='wait')")
         self.wait_until_finished()
         return True
 
@@ -319,7 +319,7 @@ class CheckpointManager:
         if pin:  # after the commit: a crashed or lost attempt must not pin another's step
             self.storage.write_pin(step, True)
         log.info(
-            "ckptmgr: saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
+            "saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
             step, size, blocked_s, write_s, manifest.stats.mb_per_s,
         )
         if prune and not self.retention.is_empty():
@@ -347,7 +347,7 @@ class CheckpointManager:
                 f"({exc}); delete it (ckptmgr prune or by hand) to save this step again."
             ) from None
         if there.attempt == manifest.attempt:
-            log.info("ckptmgr: step %d: the commit's response was lost; read back, it is ours", step)
+            log.info("step %d: the commit's response was lost; read back, it is ours", step)
             return manifest
         self._discard_attempt(manifest.archive)
         return self._other_writers_step(there)
@@ -375,7 +375,7 @@ class CheckpointManager:
     def _other_writers_step(self, there: Manifest) -> Manifest:
         who = f"lease {there.writer.token} ({there.writer.owner})" if there.writer else "an earlier run"
         log.warning(
-            "ckptmgr: step %d was already committed by %s under %s; keeping that "
+            "step %d was already committed by %s under %s; keeping that "
             "checkpoint, this save of the step is dropped", there.step, who, self.directory,
         )
         return there
@@ -384,13 +384,13 @@ class CheckpointManager:
         try:
             self.storage.delete_archive(name)
         except CkptmgrError as exc:  # left as an orphan; swept later
-            log.debug("ckptmgr: could not remove %s: %s", name, exc)
+            log.debug("could not remove %s: %s", name, exc)
 
     def _prune_after_save(self, step: int) -> None:
         try:
             self.prune()
         except CkptmgrError as exc:  # fenced meanwhile, storage hiccup: the next save tells
-            log.warning("ckptmgr: step %d is saved; pruning after it failed: %s", step, exc)
+            log.warning("step %d is saved; pruning after it failed: %s", step, exc)
 
     # -- integrity ---------------------------------------------------------------
     def verify(self, step: int | None = None, *, progress: Progress | None = None) -> list[VerifyResult]:
@@ -488,6 +488,8 @@ class CheckpointManager:
         """
         manifests = self.manifests()
         decision = (retention or self.retention).decide(self._infos(manifests), now_utc())
+        for warning in decision.warnings:
+            log.warning("%s", warning)
         if dry_run:
             return PruneReport(decision, (), True)
         newest = self.latest_step()
@@ -499,7 +501,7 @@ class CheckpointManager:
             self.storage.delete(step)
             deleted.append(step)
         if deleted:
-            log.info("ckptmgr: pruned steps %s", _short_list(deleted))
+            log.info("pruned steps %s", _short_list(deleted))
         self.sweep()
         return PruneReport(decision, tuple(deleted), False)
 

@@ -222,7 +222,7 @@ def _coordinator_for(options: CoordinatorOptions):
 
     existing = find(options.directory)
     if existing is not None and ray.get(existing.options_.remote()) != options:
-        log.info("ckptmgr: restarting the coordinator of %s with the new options", options.directory)
+        log.info("restarting the coordinator of %s with the new options", options.directory)
         ray.get(existing.shutdown.remote())  # finishes a write in flight
         ray.kill(existing)
     return get_or_create(options)
@@ -239,7 +239,7 @@ def _wait_all(refs: list, workers: list) -> list[dict[str, Any]]:
             ray.get(done[0])
         except ray.exceptions.RayError as exc:
             rank = refs.index(done[0])
-            log.error("ckptmgr: worker rank %d failed:\n%s", rank, exc)
+            log.error("worker rank %d failed:\n%s", rank, exc)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise JobStoppedError(
                 f"The job stopped: worker rank {rank} failed ({type(exc).__name__}: "

@@ -113,13 +113,14 @@ class KeepBest:
     def reason(self) -> str:
         return f"keep_best={self.metric}/{self.mode}"
 
+    def scored(self, ckpts: Sequence[CheckpointInfo]) -> list[CheckpointInfo]:
+        """The checkpoints with a finite value of the metric."""
+        return [c for c in ckpts
+                if c.metrics.get(self.metric) is not None and math.isfinite(c.metrics[self.metric])]
+
     def select(self, ckpts: Sequence[CheckpointInfo], now: datetime) -> set[int]:
         sign = 1.0 if self.mode == "min" else -1.0
-        scored = [
-            (sign * float(c.metrics[self.metric]), -c.step)
-            for c in ckpts
-            if c.metrics.get(self.metric) is not None and math.isfinite(c.metrics[self.metric])
-        ]
+        scored = [(sign * float(c.metrics[self.metric]), -c.step) for c in self.scored(ckpts)]
         return {-neg_step for _, neg_step in sorted(scored)[: self.n]}
 
 
@@ -152,6 +153,7 @@ class RetentionDecision:
 
     keep: dict[int, tuple[str, ...]]
     delete: tuple[int, ...]
+    warnings: tuple[str, ...] = ()  # one line each, for the caller to show
 
 
 @dataclass(frozen=True)
@@ -218,11 +220,23 @@ class RetentionPolicy:
                 reasons[c.step].append("pinned")
             if self.is_empty():
                 reasons[c.step].append("no retention rules")
+        warnings = []
         for rule in self.rules:
+            if isinstance(rule, KeepBest) and not rule.scored(ckpts):
+                # Nothing to rank: deleting for lack of the metric would be a guess.
+                for s in steps:
+                    reasons[s].append(f"{rule.reason}: no checkpoint has it")
+                warnings.append(
+                    f"keep_best={rule.metric!r}: no checkpoint records {rule.metric!r} "
+                    f"(batch saves carry no validation metrics); keeping all {len(steps)} "
+                    "checkpoints this rule would otherwise delete"
+                )
+                continue
             for s in rule.select(ckpts, now):
                 reasons[s].append(rule.reason)
         keep = {s: tuple(r) for s, r in reasons.items() if r}
-        return RetentionDecision(keep=keep, delete=tuple(s for s in steps if s not in keep))
+        return RetentionDecision(keep=keep, delete=tuple(s for s in steps if s not in keep),
+                                 warnings=tuple(warnings))
 
 
 def parse_duration(text: str, *, option: str = "keep_within") -> timedelta:

@@ -354,3 +354,12 @@ def test_run_then_resume_continues(job_config, tmp_path):
     assert "resumed from step 4" in result.stdout and "trained in this process to step 8" in result.stdout
     assert listed_steps(directory) == [4, 6, 8]  # keep_last: 3 from the config
     assert cli("verify", directory).returncode == 0
+
+
+def test_prune_keep_best_on_a_metric_no_checkpoint_has_keeps_all_and_warns(copy_of):
+    result = cli("prune", copy_of, "--keep-best", "val_loss")
+    assert result.returncode == 0, result.stderr
+    assert "warning: keep_best='val_loss': no checkpoint records 'val_loss'" in result.stderr
+    assert "ckptmgr: ckptmgr" not in result.stderr and "warning: ckptmgr:" not in result.stderr
+    assert "kept 3, deleted 0" in result.stdout
+    assert listed_steps(copy_of) == list(STEPS)

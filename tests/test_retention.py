@@ -149,10 +149,17 @@ def test_keep_best_nan_never_counts_as_best_in_either_mode(mode):
     assert decision.keep == {best: (f"keep_best=m/{mode}",), 5: ("newest",)}
 
 
-def test_keep_best_no_checkpoint_has_metric_keeps_only_newest():
+def test_keep_best_whose_metric_no_checkpoint_has_keeps_all_and_warns():
+    """Issue 9: batch saves carry no val_loss; deleting all but the newest for
+    lack of the metric would be a silent guess."""
     decision = decide([KeepBest("val_loss", n=3)], steps(1, 2, 3))
-    assert decision.keep == {3: ("newest",)}
-    assert decision.delete == (1, 2)
+    assert decision.delete == ()
+    assert decision.keep[1] == ("keep_best=val_loss/min: no checkpoint has it",)
+    assert decision.keep[3] == ("newest", "keep_best=val_loss/min: no checkpoint has it")
+    assert len(decision.warnings) == 1 and "'val_loss'" in decision.warnings[0]
+    # Other rules still apply as usual next to it.
+    assert decide([KeepBest("val_loss"), KeepLast(1)], steps(1, 2)).delete == ()
+    assert decide([KeepBest("val_loss")], [ckpt(1), ckpt(2, val_loss=0.5), ckpt(3)]).delete == (1,)
 
 
 def test_keep_best_fewer_candidates_than_n_keeps_all_candidates():
@@ -285,8 +292,8 @@ def test_pinned_newest_and_rule_reasons_are_all_listed():
 
 
 def test_single_checkpoint_is_always_kept():
-    decision = decide([KeepBest("val_loss")], [ckpt(7, age=timedelta(days=400))])
-    assert decision.keep == {7: ("newest",)}
+    decision = decide([KeepBest("val_loss")], [ckpt(7, val_loss=1.0, age=timedelta(days=400))])
+    assert decision.keep == {7: ("newest", "keep_best=val_loss/min")}
     assert decision.delete == ()
 
 

@@ -80,7 +80,7 @@ class WriterLease:
             self.held = lease
             if previous:
                 log.warning(
-                    "ckptmgr: claimed %s as lease %d; the previous writer (%s) is fenced from now on",
+                    "claimed %s as lease %d; the previous writer (%s) is fenced from now on",
                     self._storage.url, lease.token, self._describe(previous),
                 )
             self._forget_old(tokens)
@@ -132,4 +132,4 @@ class WriterLease:
             try:
                 self._storage.delete_lease(token)
             except Exception as exc:  # noqa: BLE001 - tidying only
-                log.debug("ckptmgr: could not delete old lease %d: %s", token, exc)
+                log.debug("could not delete old lease %d: %s", token, exc)

@@ -193,7 +193,7 @@ def _warn_if_naive(created: Any, where: str) -> None:
         return  # validation reports it
     if naive and where not in _reported_naive:  # once per manifest and process
         _reported_naive.add(where)
-        log.warning("ckptmgr: %s: created %r has no time zone; read as UTC", where, created)
+        log.warning("%s: created %r has no time zone; read as UTC", where, created)
 
 
 def now_utc() -> datetime:

@@ -207,7 +207,7 @@ class Storage:
     def _report(self, name: str, why: str) -> None:
         if (self.url, name) not in _reported:
             _reported.add((self.url, name))
-            log.warning("ckptmgr: ignoring %s: %s", self.url_of(name), why)
+            log.warning("ignoring %s: %s", self.url_of(name), why)
 
     def committed_steps(self) -> list[int]:
         """Steps that have a manifest, ascending. Archives alone never count."""
@@ -478,7 +478,7 @@ class Storage:
                     self._rm_if_exists(self._path(name))
                 removed.append(self.url_of(name))
             except StorageError as exc:
-                log.warning("ckptmgr: %s", exc)
+                log.warning("%s", exc)
         return removed
 
 
