@@ -323,3 +323,34 @@ def test_a_new_job_config_replaces_a_stale_coordinator(cluster, tmp_path):
     same = _coordinator_for(wanted)  # unchanged options: the same actor is kept
     assert ray.get(same.pid.remote()) == ray.get(fresh.pid.remote())
     ray.kill(fresh)
+
+
+@ray.remote(num_cpus=0)
+def _callback_on_a_rank(directory: str, rank: int, **kwargs) -> str:
+    from ckptmgr.keras import CheckpointCallback
+
+    try:
+        return type(CheckpointCallback(directory, rank=rank, world_size=2, **kwargs).manager).__name__
+    except Exception as exc:  # noqa: BLE001 - the test reads the one line
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_ranks_without_a_coordinator_create_one_never_per_rank_writers(cluster, tmp_path):
+    """Issue 9: ranks of a 2-worker run used to fall back to per-rank managers
+    on one directory. Now they share one coordinator, created on first use."""
+    from ckptmgr.coordinator import find
+
+    directory = str(tmp_path / "run")
+    kinds = ray.get([_callback_on_a_rank.remote(directory, r, keep_last=2) for r in (0, 1)])
+    assert kinds == ["CoordinatorClient", "CoordinatorClient"]
+    coordinator = find(directory)
+    assert coordinator is not None
+    assert ray.get(coordinator.options_.remote()).retention == {"keep_last": 2}
+    # Other retention in a worker than the coordinator's: refused in one line.
+    refused = ray.get(_callback_on_a_rank.remote(directory, 0, keep_last=5))
+    assert refused.startswith("ConfigError: Retention options of a distributed run belong to its coordinator")
+    assert "\n" not in refused
+    # A relative local directory means another place on every node: refused.
+    relative = ray.get(_callback_on_a_rank.remote("relative/run", 0))
+    assert relative.startswith("ConfigError: Invalid checkpoint directory for a distributed run")
+    ray.kill(coordinator)
