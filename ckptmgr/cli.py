@@ -398,6 +398,7 @@ def export(
     step: Optional[int] = typer.Option(None, "--step", help=STEP_HELP),
     unsafe: bool = typer.Option(False, "--unsafe", help="savedmodel: allow Python lambdas (only for checkpoints you trust)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at the destination."),
+    no_optimizer: bool = typer.Option(False, "--no-optimizer", help="weights: leave the optimizer state out (model.save_weights keeps it)."),
     storage_option: Optional[list[str]] = StorageOpt,
     dest_option: Optional[list[str]] = typer.Option(
         None, "--dest-option", metavar="KEY=VALUE",
@@ -419,10 +420,16 @@ def export(
                 )
             kwargs["safe_mode"] = False
         done = manager.export_saved_model(output, step, **kwargs)
-    else:
-        method = manager.export_weights if fmt is ExportFormat.weights else manager.export_keras
+    elif fmt is ExportFormat.weights:
         with _progress("export") as progress:
-            done = method(output, step, storage_options=dest_options, progress=progress, overwrite=overwrite)
+            done = manager.export_weights(output, step, storage_options=dest_options, progress=progress,
+                                          overwrite=overwrite, include_optimizer=not no_optimizer)
+    else:
+        if no_optimizer:
+            raise ConfigError("--no-optimizer applies to --format weights only.")
+        with _progress("export") as progress:
+            done = manager.export_keras(output, step, storage_options=dest_options, progress=progress,
+                                        overwrite=overwrite)
     _out(f"exported {fmt.value} to {done}")
 
 

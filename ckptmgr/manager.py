@@ -522,8 +522,9 @@ class CheckpointManager:
         return self.storage.orphans(grace, {m.step: m.archive for m in self.manifests()})
 
     # -- exporting ----------------------------------------------------------------------
-    def export_weights(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None, overwrite: bool = False) -> str:
-        """Write a weights-only ``.weights.h5`` that ``model.load_weights`` accepts."""
+    def export_weights(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None, overwrite: bool = False, include_optimizer: bool = True) -> str:
+        """Write the ``.weights.h5`` that ``model.save_weights`` writes (optimizer
+        state included unless ``include_optimizer=False``); ``load_weights`` reads it."""
         if not str(path).endswith(".weights.h5"):
             raise ConfigError(
                 f"Invalid export path: Received: path={path!r}. Keras requires "
@@ -533,7 +534,7 @@ class CheckpointManager:
         with self.verified_archive(step, progress=progress) as (_, archive), _local_staging() as tmp:
             out = os.path.join(tmp, "model.weights.h5")
             with open(archive, "rb") as f:
-                write_weights_only(f, out)
+                write_weights_only(f, out, include_optimizer=include_optimizer)
             return copy_to_destination(out, str(path), storage_options, overwrite=overwrite)
 
     def export_keras(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None, overwrite: bool = False) -> str:

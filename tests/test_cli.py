@@ -206,6 +206,14 @@ def test_export_weights_keras_and_savedmodel(saved, tmp_path):
     model.load_weights(out)
     for got, want in zip(model.get_weights(), weights[20]):
         np.testing.assert_array_equal(got, want)
+    import h5py
+
+    with h5py.File(out) as f:
+        assert "optimizer" in f  # as model.save_weights writes for a compiled model
+    lean = tmp_path / "lean.weights.h5"
+    assert cli("export", directory, "--format", "weights", "--no-optimizer", "-o", lean).returncode == 0
+    with h5py.File(lean) as f:
+        assert "optimizer" not in f
 
     out = tmp_path / "model.keras"
     result = cli("export", directory, "--format", "keras", "-o", out)

@@ -580,19 +580,42 @@ def exported(tmp_path_factory):
     return manager, model, x
 
 
+def h5_datasets(path) -> dict[str, np.ndarray]:
+    found = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
 @pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
-def test_export_weights_loads_with_model_load_weights(exported, tmp_path):
+def test_export_weights_is_what_save_weights_writes(exported, tmp_path):
+    """Dataset by dataset, optimizer included (issue 9), and load_weights reads it."""
     mgr, model, x = exported
     out = tmp_path / "export" / "model.weights.h5"
     mgr.export_weights(str(out))
-    assert out.is_file()
+    reference = tmp_path / "reference.weights.h5"
+    model.save_weights(str(reference))
+    ours, theirs = h5_datasets(out), h5_datasets(reference)
+    assert sorted(ours) == sorted(theirs) and any(k.startswith("optimizer/") for k in ours)
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
     keras.utils.set_random_seed(7)
     fresh = build_dropout_bn()
     fresh.load_weights(str(out))
     assert_same_predictions(model, fresh, x)
     assert_same_state(model, fresh)
+
+
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+def test_export_weights_without_the_optimizer(exported, tmp_path):
+    mgr, model, x = exported
+    out = tmp_path / "export" / "model.weights.h5"
+    mgr.export_weights(str(out), include_optimizer=False)
     with h5py.File(out, "r") as f:
         assert "optimizer" not in f  # model state only
+    fresh = build_dropout_bn()
+    fresh.load_weights(str(out))
+    assert_same_predictions(model, fresh, x)
 
 
 def test_export_keras_is_a_loadable_copy(exported, tmp_path):

@@ -324,8 +324,18 @@ def open_weights(archive: BinaryIO) -> Iterator[h5py.File]:
         h5.close()
 
 
-def write_weights_only(archive: BinaryIO, out_path: str) -> None:
-    """Write a ``.weights.h5`` for ``model.load_weights``: model state, no optimizer."""
+def write_weights_only(archive: BinaryIO, out_path: str, *, include_optimizer: bool = True) -> None:
+    """Write the ``.weights.h5`` that ``model.save_weights`` writes.
+
+    That is the archive's ``model.weights.h5`` itself, optimizer state included
+    for a compiled model (copied byte for byte); ``include_optimizer=False``
+    leaves the ``optimizer`` group out.
+    """
+    if include_optimizer:
+        with zipfile.ZipFile(archive) as zf, zf.open(WEIGHTS_FILENAME) as src, open(out_path, "wb") as dst:
+            while chunk := src.read(_CHUNK):
+                dst.write(chunk)
+        return
     with open_weights(archive) as src, h5py.File(out_path, "w") as dst:
         for key in src:
             if key != "optimizer":
