@@ -128,9 +128,11 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     # -- begin: restore -------------------------------------------------------
     def on_train_begin(self, logs=None):
+        previous = self._global_step  # this callback's own count, from an earlier fit()
         self._reset_position()
         install_sigterm_handler()
-        self._global_step = _optimizer_iterations(self.model)
+        # The optimizer's count restarts at 0 after a recompile; ours does not.
+        self._global_step = max(_optimizer_iterations(self.model), previous)
         if self.restore_on_begin and self.manager.latest_step() is not None:
             self._restore()
         if isinstance(self.manager, CheckpointManager) and self.manager.lease.held is None:

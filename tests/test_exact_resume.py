@@ -160,3 +160,18 @@ def test_shuffle_true_restores_position_not_data_order(tmp_path):
     total = EPOCHS * SAMPLES // BATCH
     assert int(resumed.optimizer.iterations) == int(reference.optimizer.iterations) == total
     assert CheckpointManager(tmp_path / "run").latest_step() == total
+
+
+def test_callback_reused_across_a_recompile_keeps_counting(tmp_path):
+    """Issue 9: the step came from the optimizer's iterations, which a new
+    optimizer restarts at 0, so the second fit() re-saved step 4 and stopped."""
+    model = _model()
+    x, y = _data()
+    callback = CheckpointCallback(tmp_path / "run", save_freq=4, restore=False)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+    first = CheckpointManager(tmp_path / "run").steps()
+    assert first == [4, 6]
+    model.compile(optimizer=keras.optimizers.Adam(0.001), loss="mse")
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+    assert CheckpointManager(tmp_path / "run").steps() == [4, 6, 8, 12]
+    assert CheckpointManager(tmp_path / "run").verify(12)[0].ok
