@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -387,8 +387,17 @@ class CheckpointManager:
             log.debug("could not remove %s: %s", name, exc)
 
     def _prune_after_save(self, step: int) -> None:
+        """Apply retention, never to the step just saved (older runs' larger
+        steps in the directory would otherwise make it the first to go)."""
+        newest = self.latest_step()
+        if newest is not None and newest > step:
+            log.warning(
+                "saved step %d, but %s already holds step %d (another run's?): retention "
+                "ranks by step, so step %d is kept now and pruned by later saves; "
+                "use a new directory for a new run", step, self.directory, newest, step,
+            )
         try:
-            self.prune()
+            self.prune(protect={step})
         except CkptmgrError as exc:  # fenced meanwhile, storage hiccup: the next save tells
             log.warning("step %d is saved; pruning after it failed: %s", step, exc)
 
@@ -479,8 +488,10 @@ class CheckpointManager:
         pinned = self.storage.pinned_steps()
         return [CheckpointInfo(m.step, m.created, m.metrics, m.step in pinned) for m in manifests]
 
-    def prune(self, dry_run: bool = False, retention: RetentionPolicy | None = None) -> PruneReport:
-        """Delete what the retention policy does not keep; never the newest.
+    def prune(self, dry_run: bool = False, retention: RetentionPolicy | None = None,
+              protect: Collection[int] = ()) -> PruneReport:
+        """Delete what the retention policy does not keep; never the newest,
+        never a step in ``protect``.
 
         Deletion removes the manifest first, so a crash mid-prune leaves only an
         unlisted orphan (swept later), never a listed checkpoint without data.
@@ -495,7 +506,7 @@ class CheckpointManager:
         newest = self.latest_step()
         deleted = []
         for step in decision.delete:
-            if newest is None or step >= newest:  # belt and braces: the policy keeps it
+            if newest is None or step >= newest or step in protect:  # the policy keeps the newest
                 continue
             self.lease.check(f"pruning step {step}")
             self.storage.delete(step)

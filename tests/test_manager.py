@@ -655,3 +655,17 @@ def test_recompile_with_a_same_size_optimizer_saves_the_new_one(tmp_path):
         assert int(h5["optimizer/vars/0"][()]) == 1  # iterations of the new optimizer
         assert float(h5["optimizer/vars/1"][()]) == pytest.approx(0.0001)  # its learning rate
     assert config["compile_config"]["optimizer"]["config"]["learning_rate"] == pytest.approx(0.0001)
+
+
+def test_a_save_older_than_the_directory_newest_is_not_pruned_at_once(directory, model, caplog):
+    """Issue 9: ``mgr.save(5)`` after step 40 with keep_last=3 was pruned right
+    after it was written, without a word."""
+    mgr = CheckpointManager(directory, keep_last=3)
+    for step in (38, 39, 40):
+        mgr.save(step, model)
+    with caplog.at_level(logging.WARNING, logger="ckptmgr"):
+        mgr.save(5, model)
+    assert 5 in mgr.steps() and mgr.verify(5)[0].ok
+    assert any("already holds step 40" in r.getMessage() for r in caplog.records)
+    mgr.save(41, model)  # later saves apply the rule as usual
+    assert mgr.steps() == [39, 40, 41]
