@@ -23,20 +23,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from ckptmgr import faults
+from ckptmgr.commit import Committer
 from ckptmgr.errors import (
-    CheckpointExistsError,
     CheckpointNotFoundError,
     CkptmgrError,
     ConfigError,
     CorruptCheckpointError,
 )
 from ckptmgr.integrity import Progress, Verifier, VerifyResult
-from ckptmgr.io.archive import ModelSnapshot, open_weights, read_json_member, write_keras_archive, write_weights_only
+from ckptmgr.io.archive import ModelSnapshot, open_weights, read_json_member, write_weights_only
 from ckptmgr.io.destination import copy_to_destination
-from ckptmgr.io.layout import archive_name, manifest_name, new_attempt_id
+from ckptmgr.io.layout import manifest_name
 from ckptmgr.io.lease import WriterLease
-from ckptmgr.io.manifest import FileEntry, LoopState, Manifest, SaveStats, WriterInfo, now_utc
+from ckptmgr.io.manifest import LoopState, Manifest, now_utc
 from ckptmgr.io.storage import Storage
 from ckptmgr.retention import CheckpointInfo, RetentionDecision, RetentionPolicy, check_grace
 
@@ -103,6 +102,7 @@ class CheckpointManager:
         self.sweep_grace_s = check_grace(sweep_grace_s)
         self.lease = WriterLease(self.storage)
         self._verifier = Verifier(self.storage, self._read_manifest)
+        self._committer = Committer(self.storage, self.lease, self._read_manifest)
         self._plan = None
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: Future | None = None
@@ -281,110 +281,20 @@ class CheckpointManager:
         TensorFlow. Raises ``WriterFencedError`` once another process claimed
         the directory. Pruning after the commit never makes the save fail.
         """
-        lease = self.lease.ensure(f"saving step {step}")
-        existing = self._committed_by_other_writer(step, lease.token)
-        if existing is not None:
-            return existing
-        started = time.perf_counter()
-        attempt = new_attempt_id()
-        name = archive_name(step, attempt)
-        with self.storage.open_archive_writer(name) as writer:
-            write_keras_archive(writer, snapshot, scratch_dir=self.storage.scratch_dir())
-        write_s = time.perf_counter() - started
-        size = writer.bytes_written
-        manifest = Manifest(
-            step=step,
-            created=now_utc(),
-            keras_version=_keras_version(snapshot),
-            archive=name,
-            attempt=attempt,
-            writer=WriterInfo(token=lease.token, owner=lease.owner),
-            files={name: FileEntry(bytes=size, sha256=writer.hexdigest())},
-            metrics={k: float(v) for k, v in (metrics or {}).items()},
-            extra=dict(extra or {}),
-            loop=loop,
-            stats=SaveStats(
-                bytes=size,
-                blocked_s=round(blocked_s, 6),
-                write_s=round(write_s, 6),
-                mb_per_s=round(size / 1e6 / write_s, 3) if write_s > 0 else 0.0,
-            ),
-            world=dict(world or {}),
-        ).sealed()
-        faults.crash_point("before_manifest")
-        self.lease.check(f"committing step {step}")
-        committed = self._commit(manifest)
-        if committed is not manifest:
-            return committed
+        manifest, ours = self._committer.write(
+            step, snapshot, metrics=metrics, extra=extra, loop=loop, blocked_s=blocked_s, world=world,
+        )
+        if not ours:  # another writer's checkpoint of this step is kept (logged)
+            return manifest
         if pin:  # after the commit: a crashed or lost attempt must not pin another's step
             self.storage.write_pin(step, True)
         log.info(
             "saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
-            step, size, blocked_s, write_s, manifest.stats.mb_per_s,
+            step, manifest.stats.bytes, blocked_s, manifest.stats.write_s, manifest.stats.mb_per_s,
         )
         if prune and not self.retention.is_empty():
             self._prune_after_save(step)
         return manifest
-
-    def _commit(self, manifest: Manifest) -> Manifest:
-        """Create the manifest; a lost response is resolved by reading it back.
-
-        Returns ``manifest`` when ours is committed, or the other writer's
-        manifest when another attempt committed the step first (ours is then
-        removed again).
-        """
-        step = manifest.step
-        try:
-            self.storage.write_manifest(step, manifest.to_bytes())
-            return manifest
-        except CheckpointExistsError:
-            pass
-        try:
-            there = self._read_manifest(step)
-        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-            raise CheckpointExistsError(
-                f"Checkpoint step {step} exists under {self.directory} but cannot be read "
-                f"({exc}); delete it (ckptmgr prune or by hand) to save this step again."
-            ) from None
-        if there.attempt == manifest.attempt:
-            log.info("step %d: the commit's response was lost; read back, it is ours", step)
-            return manifest
-        self._discard_attempt(manifest.archive)
-        return self._other_writers_step(there)
-
-    def _committed_by_other_writer(self, step: int, token: int) -> Manifest | None:
-        """The manifest of ``step`` if an earlier writer committed it, else None.
-
-        Our own lease saving a step twice is a caller's mistake and raises.
-        """
-        if not self.storage.is_committed(step):
-            return None
-        try:
-            there = self._read_manifest(step)
-        except CheckpointNotFoundError:
-            return None
-        except CorruptCheckpointError:
-            there = None
-        if there is not None and (there.writer is None or there.writer.token != token):
-            return self._other_writers_step(there)
-        raise CheckpointExistsError(
-            f"Checkpoint step {step} already exists under {self.directory}; "
-            "steps are never overwritten. Delete it first or use a new step."
-        )
-
-    def _other_writers_step(self, there: Manifest) -> Manifest:
-        who = f"lease {there.writer.token} ({there.writer.owner})" if there.writer else "an earlier run"
-        log.warning(
-            "step %d was already committed by %s under %s; keeping that "
-            "checkpoint, this save of the step is dropped", there.step, who, self.directory,
-        )
-        return there
-
-    def _discard_attempt(self, name: str) -> None:
-        try:
-            self.storage.delete_archive(name)
-        except CkptmgrError as exc:  # left as an orphan; swept later
-            log.debug("could not remove %s: %s", name, exc)
 
     def _prune_after_save(self, step: int) -> None:
         """Apply retention, never to the step just saved (older runs' larger
@@ -606,15 +516,6 @@ def _check_metadata(metrics, extra) -> tuple[dict[str, float], dict[str, Any]]:
         raise ConfigError(f"Invalid extra: Received: extra={extra!r} ({exc}). "
                           "Use JSON-serializable values (convert arrays with .tolist()).") from None
     return metrics, dict(extra or {})
-
-
-def _keras_version(snapshot: ModelSnapshot) -> str:
-    import json
-
-    try:
-        return json.loads(snapshot.metadata_json).get("keras_version", "")
-    except ValueError:
-        return ""
 
 
 def _short_list(steps: list[int]) -> str:

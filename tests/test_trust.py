@@ -273,7 +273,7 @@ def test_load_without_the_custom_class_is_not_corruption(tmp_path):
 
 def test_a_pinned_save_that_dies_before_its_commit_pins_nothing(tmp_path, monkeypatch):
     """Otherwise the stray pin would protect whatever later commits that step."""
-    import ckptmgr.manager as manager_mod
+    import ckptmgr.faults as faults_mod
 
     class Died(RuntimeError):
         pass
@@ -285,7 +285,7 @@ def test_a_pinned_save_that_dies_before_its_commit_pins_nothing(tmp_path, monkey
     mgr = CheckpointManager(tmp_path / "run", keep_last=1)
     model = small_model()
     mgr.save(1, model)
-    monkeypatch.setattr(manager_mod.faults, "crash_point", crash)
+    monkeypatch.setattr(faults_mod, "crash_point", crash)
     with pytest.raises(Died):
         mgr.save(2, model, pin=True)
     monkeypatch.undo()

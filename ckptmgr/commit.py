@@ -1,0 +1,153 @@
+"""One checkpoint written under the commit protocol (see ``ckptmgr.io.storage``).
+
+Runs wherever the snapshot is (a worker's writer thread or the coordinator);
+needs no TensorFlow. The archive goes under a fresh attempt name, the sealed
+manifest is created only if absent, under the writer's lease. When the create
+finds a manifest there, reading it back tells a lost response (ours) from
+another writer's commit (theirs is kept, ours removed, a warning says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ckptmgr import faults
+from ckptmgr.errors import CheckpointExistsError, CheckpointNotFoundError, CkptmgrError, CorruptCheckpointError
+from ckptmgr.io.archive import ModelSnapshot, write_keras_archive
+from ckptmgr.io.layout import archive_name, new_attempt_id
+from ckptmgr.io.lease import WriterLease
+from ckptmgr.io.manifest import FileEntry, LoopState, Manifest, SaveStats, WriterInfo, now_utc
+from ckptmgr.io.storage import Storage
+
+log = logging.getLogger("ckptmgr")
+
+
+class Committer:
+    """Writes checkpoints of one directory as the holder of its lease."""
+
+    def __init__(self, storage: Storage, lease: WriterLease, manifest: Callable[[int], Manifest]):
+        self._storage = storage
+        self._lease = lease
+        self._manifest = manifest
+
+    def write(
+        self,
+        step: int,
+        snapshot: ModelSnapshot,
+        *,
+        metrics: dict[str, float] | None = None,
+        extra: dict[str, Any] | None = None,
+        loop: LoopState | None = None,
+        blocked_s: float = 0.0,
+        world: dict[str, Any] | None = None,
+    ) -> tuple[Manifest, bool]:
+        """Commit ``snapshot`` as ``step``: (the step's manifest, whether it is ours).
+
+        Raises ``WriterFencedError`` once another process claimed the directory.
+        """
+        lease = self._lease.ensure(f"saving step {step}")
+        existing = self._committed_by_other_writer(step, lease.token)
+        if existing is not None:
+            return existing, False
+        started = time.perf_counter()
+        attempt = new_attempt_id()
+        name = archive_name(step, attempt)
+        with self._storage.open_archive_writer(name) as writer:
+            write_keras_archive(writer, snapshot, scratch_dir=self._storage.scratch_dir())
+        write_s = time.perf_counter() - started
+        size = writer.bytes_written
+        manifest = Manifest(
+            step=step,
+            created=now_utc(),
+            keras_version=_keras_version(snapshot),
+            archive=name,
+            attempt=attempt,
+            writer=WriterInfo(token=lease.token, owner=lease.owner),
+            files={name: FileEntry(bytes=size, sha256=writer.hexdigest())},
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            extra=dict(extra or {}),
+            loop=loop,
+            stats=SaveStats(
+                bytes=size,
+                blocked_s=round(blocked_s, 6),
+                write_s=round(write_s, 6),
+                mb_per_s=round(size / 1e6 / write_s, 3) if write_s > 0 else 0.0,
+            ),
+            world=dict(world or {}),
+        ).sealed()
+        faults.crash_point("before_manifest")
+        self._lease.check(f"committing step {step}")
+        committed = self._commit(manifest)
+        return committed, committed is manifest
+
+    def _commit(self, manifest: Manifest) -> Manifest:
+        """Create the manifest; a lost response is resolved by reading it back.
+
+        Returns ``manifest`` when ours is committed, or the other writer's
+        manifest when another attempt committed the step first (ours is then
+        removed again).
+        """
+        step = manifest.step
+        try:
+            self._storage.write_manifest(step, manifest.to_bytes())
+            return manifest
+        except CheckpointExistsError:
+            pass
+        try:
+            there = self._manifest(step)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            raise CheckpointExistsError(
+                f"Checkpoint step {step} exists under {self._storage.url} but cannot be read "
+                f"({exc}); delete it (ckptmgr prune or by hand) to save this step again."
+            ) from None
+        if there.attempt == manifest.attempt:
+            log.info("step %d: the commit's response was lost; read back, it is ours", step)
+            return manifest
+        self._discard_attempt(manifest.archive)
+        return self._other_writers_step(there)
+
+    def _committed_by_other_writer(self, step: int, token: int) -> Manifest | None:
+        """The manifest of ``step`` if an earlier writer committed it, else None.
+
+        Our own lease saving a step twice is a caller's mistake and raises.
+        """
+        if not self._storage.is_committed(step):
+            return None
+        try:
+            there = self._manifest(step)
+        except CheckpointNotFoundError:
+            return None
+        except CorruptCheckpointError:
+            there = None
+        if there is not None and (there.writer is None or there.writer.token != token):
+            return self._other_writers_step(there)
+        raise CheckpointExistsError(
+            f"Checkpoint step {step} already exists under {self._storage.url}; "
+            "steps are never overwritten. Delete it first or use a new step."
+        )
+
+    def _other_writers_step(self, there: Manifest) -> Manifest:
+        who = f"lease {there.writer.token} ({there.writer.owner})" if there.writer else "an earlier run"
+        log.warning(
+            "step %d was already committed by %s under %s; keeping that "
+            "checkpoint, this save of the step is dropped", there.step, who, self._storage.url,
+        )
+        return there
+
+    def _discard_attempt(self, name: str) -> None:
+        try:
+            self._storage.delete_archive(name)
+        except CkptmgrError as exc:  # left as an orphan; swept later
+            log.debug("could not remove %s: %s", name, exc)
+
+
+def _keras_version(snapshot: ModelSnapshot) -> str:
+    import json
+
+    try:
+        return json.loads(snapshot.metadata_json).get("keras_version", "")
+    except ValueError:
+        return ""
