@@ -9,6 +9,7 @@ another writer's commit (theirs is kept, ours removed, a warning says so).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -114,9 +115,7 @@ class Committer:
 
         Our own lease saving a step twice is a caller's mistake and raises.
         """
-        if not self._storage.is_committed(step):
-            return None
-        try:
+        try:  # the common case, nothing there, costs one failed read
             there = self._manifest(step)
         except CheckpointNotFoundError:
             return None
@@ -145,8 +144,6 @@ class Committer:
 
 
 def _keras_version(snapshot: ModelSnapshot) -> str:
-    import json
-
     try:
         return json.loads(snapshot.metadata_json).get("keras_version", "")
     except ValueError:

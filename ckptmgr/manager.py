@@ -49,6 +49,7 @@ class PruneReport:
     decision: RetentionDecision
     deleted: tuple[int, ...]
     dry_run: bool
+    newest: int | None = None  # the newest committed step when pruning began
 
 
 class CheckpointManager:
@@ -150,8 +151,11 @@ class CheckpointManager:
     def manifests(self) -> list[Manifest]:
         """Manifests of every committed step that parses (bad ones are logged,
         ones deleted meanwhile by a concurrent prune are skipped)."""
+        return self._read_manifests(self.steps())
+
+    def _read_manifests(self, steps: list[int]) -> list[Manifest]:
         found = []
-        for step in self.steps():
+        for step in steps:
             try:
                 found.append(self._read_manifest(step))
             except CheckpointNotFoundError:
@@ -299,17 +303,17 @@ class CheckpointManager:
     def _prune_after_save(self, step: int) -> None:
         """Apply retention, never to the step just saved (older runs' larger
         steps in the directory would otherwise make it the first to go)."""
-        newest = self.latest_step()
-        if newest is not None and newest > step:
+        try:
+            report = self.prune(protect={step})
+        except CkptmgrError as exc:  # fenced meanwhile, storage hiccup: the next save tells
+            log.warning("step %d is saved; pruning after it failed: %s", step, exc)
+            return
+        if report.newest is not None and report.newest > step:
             log.warning(
                 "saved step %d, but %s already holds step %d (another run's?): retention "
                 "ranks by step, so step %d is kept now and pruned by later saves; "
-                "use a new directory for a new run", step, self.directory, newest, step,
+                "use a new directory for a new run", step, self.directory, report.newest, step,
             )
-        try:
-            self.prune(protect={step})
-        except CkptmgrError as exc:  # fenced meanwhile, storage hiccup: the next save tells
-            log.warning("step %d is saved; pruning after it failed: %s", step, exc)
 
     # -- integrity ---------------------------------------------------------------
     def verify(self, step: int | None = None, *, progress: Progress | None = None) -> list[VerifyResult]:
@@ -407,24 +411,23 @@ class CheckpointManager:
         unlisted orphan (swept later), never a listed checkpoint without data.
         A writer checks its lease before deleting: a fenced one deletes nothing.
         """
-        manifests = self.manifests()
+        steps = self.steps()  # one listing: manifests, newest and sweep all use it
+        manifests = self._read_manifests(steps)
         decision = (retention or self.retention).decide(self._infos(manifests), now_utc())
         for warning in decision.warnings:
             log.warning("%s", warning)
+        newest = steps[-1] if steps else None
         if dry_run:
-            return PruneReport(decision, (), True)
-        newest = self.latest_step()
-        deleted = []
-        for step in decision.delete:
-            if newest is None or step >= newest or step in protect:  # the policy keeps the newest
-                continue
+            return PruneReport(decision, (), True, newest)
+        doomed = [s for s in decision.delete if s < newest and s not in protect]  # never the newest
+        archives = self.storage.archives() if doomed else []
+        for step in doomed:
             self.lease.check(f"pruning step {step}")
-            self.storage.delete(step)
-            deleted.append(step)
-        if deleted:
-            log.info("pruned steps %s", _short_list(deleted))
-        self.sweep()
-        return PruneReport(decision, tuple(deleted), False)
+            self.storage.delete(step, archives)
+        if doomed:
+            log.info("pruned steps %s", _short_list(doomed))
+        self._sweep(self.sweep_grace_s, manifests)
+        return PruneReport(decision, tuple(doomed), False, newest)
 
     def sweep(self, older_than_s: float | None = None) -> list[str]:
         """Remove leftovers of interrupted writes; return their URLs.
@@ -434,8 +437,12 @@ class CheckpointManager:
         another writer has in flight survives.
         """
         grace = self.sweep_grace_s if older_than_s is None else check_grace(older_than_s, "older_than_s")
+        return self._sweep(grace, self.manifests())
+
+    def _sweep(self, grace: float, manifests: list[Manifest]) -> list[str]:
+        """``manifests`` must have been read before the sweep lists the root."""
         self.lease.check("sweeping leftovers")
-        return self.storage.sweep(grace, {m.step: m.archive for m in self.manifests()})
+        return self.storage.sweep(grace, {m.step: m.archive for m in manifests})
 
     def leftovers(self, older_than_s: float | None = None) -> list[str]:
         """What :meth:`sweep` would remove now (names relative to the directory)."""

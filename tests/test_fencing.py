@@ -22,6 +22,7 @@ import pytest
 
 from ckptmgr import CheckpointManager
 from ckptmgr.errors import WriterFencedError
+from writer_worker import snapshot
 
 WORKER = Path(__file__).with_name("writer_worker.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -136,9 +137,6 @@ def test_concurrent_prune_never_fails_a_save(backend):
 
 
 def _save(manager: CheckpointManager, step: int):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from writer_worker import snapshot
-
     return manager.write_snapshot(step, snapshot(step))
 
 

@@ -16,16 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ckptmgr import CheckpointManager
 from ckptmgr.errors import CkptmgrError, StorageError
 from fault_proxy import FaultProxy, Rule
 from servers import free_port
-
-sys.path.insert(0, str(Path(__file__).parent))
-from writer_worker import snapshot  # noqa: E402
+from writer_worker import snapshot
 
 MANIFEST = re.compile(r"(^|/)ckpt-\d{9,}\.json$")
 REPO = Path(__file__).resolve().parents[1]

@@ -114,18 +114,19 @@ class WriterLease:
         tokens = self._storage.lease_tokens()
         if not tokens:
             return None
-        try:
-            raw = json.loads(self._storage.read_lease(tokens[-1]))
-            return Lease(int(raw["token"]), str(raw["owner"]), str(raw["acquired"]))
-        except (CkptmgrError, ValueError, KeyError, TypeError, RecursionError):
-            return Lease(tokens[-1], "?", "?")
+        return self._read(tokens[-1]) or Lease(tokens[-1], "?", "?")
 
     def _describe(self, token: int) -> str:
+        lease = self._read(token)
+        return lease.describe() if lease else f"lease {token}"
+
+    def _read(self, token: int) -> Lease | None:
+        """The lease file of ``token``, or None if it cannot be read or parsed."""
         try:
             raw = json.loads(self._storage.read_lease(token))
-            return Lease(int(raw["token"]), str(raw["owner"]), str(raw["acquired"])).describe()
+            return Lease(int(raw["token"]), str(raw["owner"]), str(raw["acquired"]))
         except (CkptmgrError, ValueError, KeyError, TypeError, RecursionError):
-            return f"lease {token}"
+            return None
 
     def _forget_old(self, tokens: list[int]) -> None:
         for token in tokens[:-_KEEP_OLD_LEASES] if len(tokens) > _KEEP_OLD_LEASES else []:

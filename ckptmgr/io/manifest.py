@@ -119,14 +119,17 @@ class Manifest(BaseModel):
 
     def sealed(self) -> "Manifest":
         """A copy whose ``checksum`` covers its content (what readers get back)."""
-        body = json.loads(self.model_dump_json(exclude={"checksum"}))
-        return self.model_copy(update={"checksum": _canonical_sha256(body)})
+        return self.model_copy(update={"checksum": _canonical_sha256(self._body())})
 
     def to_bytes(self) -> bytes:
         """The stored form: JSON with ``checksum`` over the canonical rest."""
-        body = json.loads(self.model_dump_json(exclude={"checksum"}))
+        body = self._body()
         body["checksum"] = _canonical_sha256(body)
         return json.dumps(body, indent=2, allow_nan=False).encode()
+
+    def _body(self) -> dict[str, Any]:
+        """The JSON content without the checksum, as a reader will parse it."""
+        return json.loads(self.model_dump_json(exclude={"checksum"}))
 
     @property
     def archive_entry(self) -> FileEntry:

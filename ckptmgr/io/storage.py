@@ -344,9 +344,10 @@ class Storage:
             if self.is_local:
                 with open_regular(path, name) as f:
                     return f.read(MAX_MANIFEST_BYTES + 1)
-            if self._fresh_info(path).get("type") != "file":
-                raise CorruptCheckpointError(f"{name} is not a regular file.")
-            return self.fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES + 1)
+            try:  # one request: objects are plain files; a "directory" is not found
+                return self.fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES + 1)
+            except IsADirectoryError:
+                raise CorruptCheckpointError(f"{name} is not a regular file.") from None
 
     def file_size(self, name: str) -> int:
         with self._translate(f"reading {name}"):
@@ -386,15 +387,17 @@ class Storage:
         return self._local_tmp_dir() if self.is_local else None
 
     # -- deleting ------------------------------------------------------------
-    def delete(self, step: int) -> None:
+    def delete(self, step: int, archives: list[layout.Entry] | None = None) -> None:
         """Uncommit then remove: manifest, the step's archives, pin, in that order.
 
+        ``archives``: a listing from :meth:`archives` the caller already has
+        (pruning several steps lists once); by default the root is listed.
         Already missing files are fine: a concurrent prune got there first.
         """
         with self._translate("deleting a checkpoint", step):
             self._rm_if_exists(self._path(layout.manifest_name(step)))
             faults.crash_point("delete_after_manifest")
-            for archive in self.archives():
+            for archive in self.archives() if archives is None else archives:
                 if archive.step == step:
                     self._rm_if_exists(self._path(layout.archive_name(step, archive.attempt)))
             self._rm_if_exists(self._path(layout.pin_name(step)))
