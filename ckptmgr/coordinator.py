@@ -329,7 +329,7 @@ def with_shards(snapshot, shards: dict[str, Any]):
                 )
             arrays.append((key, gathered if gathered is not None else array))
         groups.append(VarGroup(group.path, group.attrs, arrays))
-    return ModelSnapshot(snapshot.config_json, snapshot.metadata_json, groups)
+    return ModelSnapshot(snapshot.config_json, snapshot.metadata_json, groups, snapshot.assets)
 
 
 def shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -340,7 +340,8 @@ def shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
 def snapshot_digest(snapshot, exclude: frozenset[str] = frozenset()) -> str:
     """A fingerprint of the replicated state, to prove replicas agree (worker side).
 
-    sha256 over every array's path, shape, dtype and CRC32. It detects
+    sha256 over every array's path, shape, dtype and CRC32, and every asset
+    file's path, size and CRC32. It detects
     divergence (it is not a defence against an adversary), at CRC32 speed
     (~4 GB/s, twice sha256's), on every rank of every save. The archive's own
     integrity checksum is a full sha256, computed once, on the coordinator.
@@ -352,6 +353,9 @@ def snapshot_digest(snapshot, exclude: frozenset[str] = frozenset()) -> str:
                 continue
             crc = zlib.crc32(memoryview(array.reshape(-1).view("uint8")))
             digest.update(f"{group.path}/{key}:{array.shape}:{array.dtype}:{crc:08x}".encode())
+    for name in sorted(snapshot.assets):
+        data = snapshot.assets[name]
+        digest.update(f"assets/{name}:{len(data)}:{zlib.crc32(data):08x}".encode())
     return digest.hexdigest()
 
 

@@ -52,7 +52,9 @@ class WriterFencedError(CkptmgrError, RuntimeError):
 
 
 class UnsupportedModelError(CkptmgrError, ValueError):
-    """The model has state ckptmgr cannot capture (for example assets)."""
+    """The model has state ckptmgr cannot capture. Assets and bfloat16
+    variables are captured; this is raised only when Keras's saving traversal
+    is not the one ckptmgr knows (another Keras version)."""
 
 
 class SaveInProgressError(CkptmgrError, RuntimeError):

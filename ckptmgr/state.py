@@ -6,7 +6,9 @@ exactly those ``model.save`` would write, optimizer included. The recording
 (a :class:`StatePlan`) is made once per model and reused: each save then only
 copies every variable into a reusable host buffer, which is the one step that
 blocks training. Restore reads the archive's HDF5 through Keras's own
-``_load_state``, so custom ``load_own_variables`` keep working.
+``_load_state``, so custom ``load_own_variables`` keep working. Assets (a
+lookup layer's vocabulary) are planned, captured and restored the same way, by
+:mod:`ckptmgr.assets`.
 
 State that ``.keras`` files leave out but exact resumption needs (random seed
 generators, metric accumulators, Python and NumPy global RNGs) is captured
@@ -26,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from ckptmgr.assets import AssetPlan, asset_recorder_class, assets_store
 from ckptmgr.io.archive import ModelSnapshot, VarGroup
-from ckptmgr.errors import IncompatibleCheckpointError, UnsupportedModelError
+from ckptmgr.errors import IncompatibleCheckpointError
 
 
 def _keras():
@@ -122,44 +125,6 @@ def _recording_store_class():
     return RecordingStore
 
 
-def _check_no_assets(model) -> None:
-    """Refuse models whose layers save assets (lookup tables): not captured yet."""
-    import tempfile
-
-    from keras.src.saving import saving_lib
-
-    with tempfile.TemporaryDirectory(prefix="ckptmgr-assets-") as tmp:
-
-        class AssetRecorder(saving_lib.DiskIOStore):
-            def __init__(self):
-                self.mode, self.archive, self.root_path = "w", None, tmp
-                self.working_dir = tmp
-                self.used: list[str] = []
-
-            def make(self, path):
-                self.used.append(path or "<model>")
-                target = os.path.join(tmp, path or "root")
-                os.makedirs(target, exist_ok=True)
-                return target
-
-            def close(self):
-                pass
-
-        recorder = AssetRecorder()
-        saving_lib._save_state(
-            model, weights_store=None, assets_store=recorder, inner_path="",
-            visited_saveables=set(),
-        )
-        for path in recorder.used:
-            target = os.path.join(tmp, path if path != "<model>" else "root")
-            if os.listdir(target):
-                raise UnsupportedModelError(
-                    f"Layer at {path!r} saves assets (e.g. a lookup table), which "
-                    "ckptmgr does not capture yet. Apply such layers in the input "
-                    "pipeline instead of inside the trained model."
-                )
-
-
 def _all_layers(model):
     return [model] + list(model._flatten_layers(include_self=False))
 
@@ -175,15 +140,16 @@ class StatePlan:
         keras = _keras()
         from keras.src.saving import saving_lib
 
-        _check_no_assets(model)
         store = _recording_store_class()()
-        saving_lib._save_state(
-            model,
-            weights_store=store,
-            assets_store=None,
-            inner_path="",
-            visited_saveables=set(),
-        )
+        with asset_recorder_class()() as assets:
+            saving_lib._save_state(
+                model,
+                weights_store=store,
+                assets_store=assets,
+                inner_path="",
+                visited_saveables=set(),
+            )
+        self.assets = AssetPlan(assets.owners)
         self.groups: list[_PlannedGroup] = store.groups
         for group in self.groups:
             group.resolve()
@@ -191,15 +157,6 @@ class StatePlan:
         self._signature = _variable_signature(model)
         self._buffers: dict[tuple[int, str], np.ndarray] = {}
         self._keras_version = keras.__version__
-        for group in self.groups:
-            for key, value in group.values:
-                dtype = str(getattr(value, "dtype", ""))
-                if "bfloat16" in dtype:
-                    raise UnsupportedModelError(
-                        f"Variable {group.path}/{key} is bfloat16, which ckptmgr "
-                        "does not write yet. Keep variables in float32 (a "
-                        "mixed_bfloat16 policy does)."
-                    )
 
     def is_current(self, model) -> bool:
         """False when any tracked variable object changed since planning: a new
@@ -240,6 +197,7 @@ class StatePlan:
                 }
             ),
             groups=groups,
+            assets=self.assets.capture(),
         )
 
 
@@ -333,7 +291,9 @@ def ensure_built_optimizer(model) -> None:
 
 
 def apply_weights(model, h5file) -> None:
-    """Load weights and optimizer state from an open ``model.weights.h5``."""
+    """Load weights and optimizer state from an open ``model.weights.h5``, and
+    assets (vocabularies) from the archive it was opened from, if any (see
+    ``archive.open_weights``)."""
     from keras.src.saving import saving_lib
 
     class _OpenStore(saving_lib.H5IOStore):
@@ -350,15 +310,16 @@ def apply_weights(model, h5file) -> None:
     ensure_built_optimizer(model)
     failed: set[int] = set()
     errors: dict[int, Any] = {}
-    saving_lib._load_state(
-        model,
-        weights_store=_OpenStore(h5file),
-        assets_store=None,
-        inner_path="",
-        visited_saveables=set(),
-        failed_saveables=failed,
-        error_msgs=errors,
-    )
+    with assets_store(getattr(h5file, "archive", None)) as assets:
+        saving_lib._load_state(
+            model,
+            weights_store=_OpenStore(h5file),
+            assets_store=assets,
+            inner_path="",
+            visited_saveables=set(),
+            failed_saveables=failed,
+            error_msgs=errors,
+        )
     if failed:
         obj, error = next(iter(errors.values()))
         name = getattr(obj, "name", type(obj).__name__)

@@ -564,6 +564,36 @@ def test_large_variables_are_streamed_and_still_match_model_save(mgr, tmp_path):
     assert_same_optimizer(model, stock)
 
 
+def test_large_bfloat16_variables_are_streamed_tagged_as_keras_does(mgr, tmp_path):
+    """bfloat16 above the inline threshold: streamed, stored as Keras stores it
+    (opaque 2-byte HDF5 type, ``dtype="bfloat16"`` attribute), loaded back."""
+    model = keras.Sequential([keras.Input((300,)), keras.layers.Dense(200, dtype="bfloat16"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.001), loss="mse")
+    x, y = RNG.normal(size=(4, 300)).astype("float32"), RNG.normal(size=(4, 1)).astype("float32")
+    train(model, x, y, steps=1)
+    mgr.save(1, model)
+    path = mgr.local_archive_path(1)
+    with zipfile.ZipFile(path) as ours, h5py.File(io.BytesIO(ours.read("model.weights.h5")), "r") as f:
+        kernel = f["layers/dense/vars/0"]
+        assert kernel.nbytes > 64 * 1024 and kernel.dtype == np.dtype("V2")
+        assert kernel.attrs["dtype"] == "bfloat16"
+        assert f["optimizer/vars/2"].attrs["dtype"] == "bfloat16"  # Adam's slot for it
+        assert kernel[()].tobytes() == np.asarray(model.layers[0].kernel).tobytes()
+    assert_layout_matches_model_save(path, model, tmp_path)
+    for other in (keras.saving.load_model(path), restored_clone(model, mgr)):
+        assert other.layers[0].kernel.dtype == "bfloat16"
+        assert_same_state(model, other)
+        assert_same_optimizer(model, other)
+
+
+def restored_clone(model, mgr):
+    """A re-initialized copy of ``model``, restored from ``mgr``."""
+    fresh = keras.models.clone_model(model)
+    fresh.compile(optimizer=keras.optimizers.Adam(0.001), loss="mse")
+    mgr.restore(fresh)
+    return fresh
+
+
 # --------------------------------------------------------------------------
 # Exports (one trained checkpoint shared by the export tests)
 # --------------------------------------------------------------------------

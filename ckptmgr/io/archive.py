@@ -1,7 +1,8 @@
 """The ``.keras`` archive format: streaming writer and readers, no TensorFlow.
 
 A ``.keras`` file is a zip of three stored entries: ``metadata.json``,
-``config.json`` and ``model.weights.h5``. Keras builds the weights file in a
+``config.json`` and ``model.weights.h5``, then ``assets/...`` files when
+layers save assets (a lookup layer's vocabulary). Keras builds the weights file in a
 ``BytesIO`` and then copies it into the zip; we stream instead:
 
 1. Build an HDF5 *skeleton* in a sparse local temp file: every group,
@@ -38,6 +39,7 @@ from ckptmgr.errors import CorruptCheckpointError
 METADATA_FILENAME = "metadata.json"
 CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.weights.h5"
+ASSETS_DIRNAME = "assets"
 _CHUNK = 16 * 1024 * 1024
 _INLINE_BYTES = 64 * 1024  # smaller arrays go straight into the skeleton
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
@@ -86,22 +88,31 @@ class RowShards:
 
 @dataclass
 class ModelSnapshot:
-    """Everything needed to write a ``.keras`` archive, as plain host data."""
+    """Everything needed to write a ``.keras`` archive, as plain host data.
+
+    ``assets`` maps a path under ``assets/`` (``layers/string_lookup/vocabulary.txt``)
+    to the file's bytes; empty for most models.
+    """
 
     config_json: str
     metadata_json: str
     groups: list[VarGroup]
+    assets: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for g in self.groups for _, a in g.arrays)
+        arrays = sum(a.nbytes for g in self.groups for _, a in g.arrays)
+        return arrays + sum(len(data) for data in self.assets.values())
 
 
 def write_keras_archive(out: BinaryIO, snapshot: ModelSnapshot, scratch_dir: str | None = None) -> None:
     """Stream ``snapshot`` as a ``.keras`` zip into the writable stream ``out``.
 
     The sparse HDF5 skeleton goes to ``scratch_dir`` (default: the system temp).
+    Members come in Keras's order: metadata, config, weights, then assets.
     """
+    for name in snapshot.assets:
+        check_asset_name(name)
     with _h5_skeleton(snapshot, scratch_dir) as (skeleton_path, regions, total):
         with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
             zf.writestr(_zipinfo(METADATA_FILENAME), snapshot.metadata_json)
@@ -110,6 +121,18 @@ def write_keras_archive(out: BinaryIO, snapshot: ModelSnapshot, scratch_dir: str
             info.file_size = total
             with zf.open(info, "w") as entry, open(skeleton_path, "rb") as skel:
                 _stream_h5(entry, skel, regions, total)
+            for name in sorted(snapshot.assets):
+                zf.writestr(_zipinfo(f"{ASSETS_DIRNAME}/{name}"), snapshot.assets[name])
+
+
+def check_asset_name(name: str) -> None:
+    """Refuse an asset path that could leave ``assets/`` when extracted."""
+    parts = name.split("/")
+    if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(
+            "Invalid asset path: it must be relative, with no empty, '.' or '..' "
+            f"parts and no backslash. Received: name={name[:80]!r}"
+        )
 
 
 def _zipinfo(name: str) -> zipfile.ZipInfo:
@@ -161,10 +184,14 @@ def _create_skeleton(path: str, snapshot: ModelSnapshot) -> list[tuple[str, np.n
                     array = np.concatenate([_native(p) for p in array.parts])
                 array = array if isinstance(array, RowShards) else _native(array)
                 if array.nbytes < _INLINE_BYTES:
-                    g.create_dataset(key, data=array)
+                    dataset = g.create_dataset(key, data=array)
                 else:
-                    g.create_dataset(key, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
+                    dataset = g.create_dataset(key, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
                     datasets.append((f"{group.path}/{key}", array))
+                if array.dtype.name == "bfloat16":
+                    # What Keras's H5IOStore does: HDF5 has no bfloat16, so the
+                    # data is stored opaque (2 bytes) and tagged for the reader.
+                    dataset.attrs["dtype"] = "bfloat16"
     return datasets
 
 
@@ -266,6 +293,42 @@ def read_json_member(archive: BinaryIO, name: str) -> dict[str, Any]:
         ) from None
 
 
+def extract_assets(archive: BinaryIO, dest_dir: str) -> int:
+    """Extract the ``assets/...`` members into ``dest_dir`` (``assets/a/b`` to
+    ``dest_dir/a/b``), as Keras's loader would; returns how many.
+
+    Names are checked again here (never written outside ``dest_dir``), and no
+    member is read past the size it declares (``check_layout`` bounds those).
+    """
+    count = 0
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                parts = info.filename.split("/", 1)
+                if parts[0] != ASSETS_DIRNAME or info.is_dir():
+                    continue
+                check_asset_name(parts[1] if len(parts) > 1 else "")
+                target = os.path.join(dest_dir, *parts[1].split("/"))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    _copy_bounded(src, dst, info.file_size, info.filename)
+                count += 1
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as exc:
+        raise CorruptCheckpointError(
+            f"Cannot read the archive's assets: {type(exc).__name__}: {exc}"
+        ) from None
+    return count
+
+
+def _copy_bounded(src: BinaryIO, dst: BinaryIO, size: int, name: str) -> None:
+    left = size
+    while chunk := src.read(min(_CHUNK, left + 1)):
+        left -= len(chunk)
+        if left < 0:
+            raise ValueError(f"member {name!r} is larger than it declares")
+        dst.write(chunk)
+
+
 class _Window(io.RawIOBase):
     """A read-only, seekable view of ``[start, start+size)`` of another file."""
 
@@ -297,8 +360,15 @@ class _Window(io.RawIOBase):
         return got
 
 
+class WeightsFile(h5py.File):
+    """``model.weights.h5`` opened inside an archive; ``archive`` is that
+    archive, so a restore can also read its ``assets/`` members."""
+
+    archive: BinaryIO
+
+
 @contextmanager
-def open_weights(archive: BinaryIO) -> Iterator[h5py.File]:
+def open_weights(archive: BinaryIO) -> Iterator[WeightsFile]:
     """Open ``model.weights.h5`` inside an archive without extracting it."""
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -311,7 +381,8 @@ def open_weights(archive: BinaryIO) -> Iterator[h5py.File]:
         header = _LOCAL_HEADER.unpack(archive.read(_LOCAL_HEADER.size))
         start = info.header_offset + _LOCAL_HEADER.size + header[9] + header[10]
         window = _Window(archive, start, info.file_size)
-        h5 = h5py.File(window, "r")
+        h5 = WeightsFile(window, "r")
+        h5.archive = archive
     except CorruptCheckpointError:
         raise
     except (zipfile.BadZipFile, KeyError, OSError, struct.error) as exc:
