@@ -59,6 +59,7 @@ class ExportFormat(str, Enum):
 class Mode(str, Enum):
     min = "min"
     max = "max"
+    auto = "auto"  # from the metric's name, as Keras's mode="auto"
 
 
 @app.callback()
@@ -193,8 +194,10 @@ def list_(
     if as_json:
         _out(json.dumps(rows, indent=2))
         return
+    superseded = manager.superseded()
     if not rows:
         typer.echo(f"no checkpoints under {manager.directory}", err=True)
+        _print_superseded(superseded)
         return
     from rich.table import Table
 
@@ -216,6 +219,17 @@ def list_(
             "pinned" if row["pinned"] else "",
         )
     _console().print(table)
+    _print_superseded(superseded)
+
+
+def _print_superseded(superseded) -> None:
+    """The abandoned futures (see ckptmgr.history), after the live history."""
+    if not superseded:
+        return
+    _out("superseded (moved aside when training continued from an older step; never "
+         "restored; `ckptmgr prune URL --superseded` deletes them):")
+    for entry in superseded:
+        _out(f"  {entry.describe()}")
 
 
 @app.command()
@@ -451,8 +465,9 @@ def prune(
     keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Keep the N newest."),
     keep_every_n_steps: Optional[int] = typer.Option(None, "--keep-every-n-steps", min=1, help="Keep steps that are multiples of K."),
     keep_best: Optional[str] = typer.Option(None, "--keep-best", metavar="METRIC", help="Keep the best by this metric."),
-    mode: Mode = typer.Option(Mode.min, "--mode", help="For --keep-best: min (loss) or max (accuracy)."),
+    mode: Mode = typer.Option(Mode.min, "--mode", help="For --keep-best: min (loss), max (accuracy) or auto (from the metric's name, as Keras)."),
     keep_within: Optional[str] = typer.Option(None, "--keep-within", metavar="DURATION", help="Keep those younger than this, e.g. 7d, 12h."),
+    superseded: bool = typer.Option(False, "--superseded", help="Also delete superseded steps (abandoned after a fallback or a new run; see `list`)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be deleted; delete nothing."),
     sweep_grace: float = typer.Option(3600.0, "--sweep-grace", metavar="SECONDS", help="Remove leftovers of interrupted writes older than this."),
     storage_option: Optional[list[str]] = StorageOpt,
@@ -463,10 +478,11 @@ def prune(
     """
     from ckptmgr.retention import RetentionPolicy
 
-    if keep_last is None and keep_every_n_steps is None and keep_best is None and keep_within is None:
+    no_rule = keep_last is None and keep_every_n_steps is None and keep_best is None and keep_within is None
+    if no_rule and not superseded:
         typer.echo(
             "error: no retention rule given; pass at least one of --keep-last, "
-            "--keep-every-n-steps, --keep-best, --keep-within.",
+            "--keep-every-n-steps, --keep-best, --keep-within, --superseded.",
             err=True,
         )
         raise typer.Exit(2)
@@ -481,6 +497,10 @@ def prune(
         keep_within=keep_within,
     )
     manager = _manager(url, storage_option, sweep_grace_s=sweep_grace)
+    if superseded:
+        _prune_superseded(manager, dry_run)
+        if no_rule:
+            return
     report = manager.prune(dry_run=dry_run, retention=policy)
     for s, reasons in report.decision.keep.items():
         _out(f"keep   step {s}: {', '.join(reasons)}")
@@ -492,6 +512,15 @@ def prune(
         _out(f"dry run: would keep {len(report.decision.keep)}, delete {len(deleted)}; nothing deleted")
     else:
         _out(f"kept {len(report.decision.keep)}, deleted {len(deleted)}")
+
+
+def _prune_superseded(manager: CheckpointManager, dry_run: bool) -> None:
+    entries = manager.superseded() if dry_run else manager.delete_superseded()
+    verb = "would delete" if dry_run else "delete"
+    for entry in entries:
+        _out(f"{verb} superseded {entry.describe()}")
+    if not entries:
+        _out("no superseded steps")
 
 
 @app.command()

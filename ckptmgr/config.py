@@ -48,7 +48,7 @@ class CheckpointConfig(_Section):
     keep_last: int | None = Field(None, ge=1)
     keep_every_n_steps: int | None = Field(None, ge=1)
     keep_best: str | None = None
-    keep_best_mode: Literal["min", "max"] = "min"
+    keep_best_mode: Literal["min", "max", "auto"] = "min"  # auto: from the name, as Keras
     keep_within: str | None = None
     on_busy: Literal["wait", "skip"] = "wait"
     prune_interval_s: float = Field(60.0, gt=0)

@@ -38,6 +38,9 @@ log = logging.getLogger("ckptmgr")
 NAMESPACE = "ckptmgr"
 
 
+_KEPT_OUTCOMES = 64
+
+
 def coordinator_name(directory: str) -> str:
     """The actor name of the run that checkpoints into ``directory``."""
     return "ckptmgr:" + str(directory).rstrip("/")
@@ -110,6 +113,7 @@ class Coordinator:
         part = Part(rank, digest, snapshot_ref, blocked_s, time.monotonic(),
                     metrics or {}, extra or {}, loop, list(shard_ref or []))
         with self._lock:
+            self._forget_old_outcomes()
             result = self._results.setdefault(step, Future())
             if result.done():
                 return  # the step already failed (timeout) or finished
@@ -119,6 +123,13 @@ class Coordinator:
                 return
             del self._parts[step]
         self._complete(step, parts, result)
+
+    def _forget_old_outcomes(self) -> None:
+        """Keep the outcomes of the newest ``_KEPT_OUTCOMES`` finished steps
+        (ranks ask for them right after saving), not one per step forever."""
+        done = sorted(s for s, f in self._results.items() if f.done())
+        for old in done[:-_KEPT_OUTCOMES]:
+            del self._results[old]
 
     def _complete(self, step: int, parts: dict[int, Part], result: Future) -> None:
         reference = parts[0].digest
@@ -218,6 +229,22 @@ class Coordinator:
                 return step
             log.warning("%s; falling back to an older checkpoint", result.problem)
         return None
+
+    def supersede_after(self, step: int | None, reason: str) -> list[int]:
+        """Move steps newer than ``step`` aside (see :mod:`ckptmgr.history`)."""
+        self.forget_after(step)
+        with self._prune_lock:  # never while a scheduled prune reads the listing
+            return self.manager.supersede_after(step, reason)
+
+    def forget_after(self, step: int | None) -> None:
+        """Drop outcomes of steps newer than ``step`` (all, for None): a run
+        continuing from ``step`` saves them again, and an old outcome (a
+        timeout before a node loss, an abandoned commit) must not answer for
+        the new save. Rank 0 calls it at train begin."""
+        with self._lock:
+            for table in (self._results, self._parts):
+                for old in [s for s in table if step is None or s > step]:
+                    del table[old]
 
     def options_(self) -> CoordinatorOptions:
         return self.options

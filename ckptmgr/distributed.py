@@ -102,6 +102,7 @@ class CoordinatorClient:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckptmgr-client")
         self._in_flight: Future | None = None
         self._emergency_ref = None
+        self._resumed_from: int | None = None
         self._handle = None
         self._next_poll = 0.0
         self._step_clock: tuple[int, float] | None = None
@@ -140,13 +141,22 @@ class CoordinatorClient:
         chosen = step if step is not None else self._call("restore_step")
         if chosen is None:
             return self._reader.restore(model)  # raises the clear "none verify" error
-        return self._reader.restore(model, chosen)
+        manifest = self._reader.restore(model, chosen)
+        self._resumed_from = chosen
+        return manifest
+
+    def supersede_after(self, step: int | None, reason: str) -> list[int]:
+        """Rank 0 asks the coordinator (the lease holder) to move steps newer
+        than ``step`` aside; the others' first save waits for rank 0's anyway."""
+        return self._call("supersede_after", step, reason) if self.rank == 0 else []
 
     def prepare(self, model) -> None:
         """Plan and allocate host buffers now, so the first save is not slower."""
         from ckptmgr.state import plan_for
 
         self._finish_previous()
+        if self.rank == 0:  # outcomes of steps this run saves again must not answer for it
+            self._call("forget_after", self._resumed_from)
         self._plan = plan_for(model, self._plan)
         self._plan.capture(reuse_buffers=True)
 

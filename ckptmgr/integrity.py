@@ -31,6 +31,7 @@ from ckptmgr.errors import (
     UnsafeCheckpointError,
 )
 from ckptmgr.io.archive import check_layout
+from ckptmgr.io.layout import archive_name
 from ckptmgr.io.manifest import Manifest
 from ckptmgr.io.storage import Storage
 
@@ -58,13 +59,18 @@ class Verifier:
         self.storage = storage
         self._manifest = manifest
 
-    def orphans(self, committed: set[int]) -> list[VerifyResult]:
-        """Archives whose step has no manifest: reported, not restorable."""
+    def orphans(self, committed: set[int], superseded: Callable[[], set[str]] = set) -> list[VerifyResult]:
+        """Archives whose step has no manifest (and that no superseded record
+        keeps): reported, not restorable."""
+        loose = [a for a in self.storage.archives() if a.step not in committed]
+        if loose:
+            kept = superseded()
+            loose = [a for a in loose if archive_name(a.step, a.attempt) not in kept]
         return [
             VerifyResult(step, False, (
                 f"step {step}: orphan archive without a manifest (an interrupted "
                 "write or a deleted manifest); not restorable, swept after the grace time"))
-            for step in sorted({a.step for a in self.storage.archives()} - committed)
+            for step in sorted({a.step for a in loose})
         ]
 
     def verify_step(self, step: int, progress: Progress | None = None) -> VerifyResult:

@@ -33,6 +33,7 @@ from ckptmgr.distributed import (
 from ckptmgr.errors import ConfigError
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState, Manifest
+from ckptmgr.retention import RetentionPolicy, callback_best_options, received_options
 from ckptmgr.state import TrainingState, apply_training_state, capture_training_state
 
 log = logging.getLogger("ckptmgr")
@@ -46,10 +47,31 @@ class CheckpointCallback(keras.callbacks.Callback):
             (or any object with the same save/restore methods, such as the
             distributed client).
         save_freq: ``"epoch"`` or a number of batches (global, across epochs).
-        storage_options, keep_last, keep_every_n_steps, keep_best,
-            keep_best_mode, keep_within, on_busy: passed to the manager when a
-            directory is given.
+        storage_options, keep_last, keep_every_n_steps, keep_within, on_busy:
+            passed to the manager when a directory is given.
+        monitor, mode, save_best_only: as in Keras's ``ModelCheckpoint``.
+            ``monitor`` names the metric in ``fit()``'s logs that defines the
+            best checkpoint (``"val_loss"``); ``mode`` is ``"auto"`` (default:
+            inferred from the name, as Keras does), ``"min"`` or ``"max"``.
+            Monitoring alone deletes nothing: with a batch ``save_freq`` it
+            adds a save at every epoch end, where validation metrics exist,
+            and warns once if the metric is not logged.
+            ``save_best_only=True`` keeps only the best checkpoint by
+            ``monitor`` (default ``"val_loss"``), plus the newest: every
+            scheduled save is still written, because resuming needs the newest
+            state (what Keras's ``BackupAndRestore`` is for), and retention
+            deletes the previous one unless it is the best. It refuses other
+            ``keep_*`` options.
+        keep_best: ``N`` with ``monitor``: also keep the N best checkpoints
+            (a union with the other ``keep_*`` rules). The older spelling
+            ``keep_best="val_loss"`` with ``keep_best_mode`` (``"min"`` by
+            default, ``"max"`` or ``"auto"``) keeps the best one and is a
+            monitor too; it cannot be mixed with ``monitor``/``mode``.
         restore: restore the newest good checkpoint at train begin.
+        new_run: start a new run in a directory that holds checkpoints without
+            restoring them: they are moved to ``superseded/`` (see
+            :mod:`ckptmgr.history`). Without it, ``restore=False`` over
+            existing checkpoints is refused: one directory, one run's history.
         async_save: write in a background thread; ``fit()`` blocks only for
             the copy to host memory.
         save_on_train_end: save the final state unless it was just saved.
@@ -70,11 +92,15 @@ class CheckpointCallback(keras.callbacks.Callback):
         storage_options: dict[str, Any] | None = None,
         keep_last: int | None = None,
         keep_every_n_steps: int | None = None,
-        keep_best: str | None = None,
-        keep_best_mode: str = "min",
+        keep_best: str | int | None = None,
+        keep_best_mode: Literal["min", "max", "auto"] = "min",
         keep_within: timedelta | str | None = None,
+        monitor: str | None = None,
+        mode: Literal["auto", "min", "max"] | None = None,
+        save_best_only: bool = False,
         on_busy: Literal["wait", "skip"] = "wait",
         restore: bool = True,
+        new_run: bool = False,
         async_save: bool = True,
         save_on_train_end: bool = True,
         rank: int | None = None,
@@ -90,14 +116,14 @@ class CheckpointCallback(keras.callbacks.Callback):
                 f"Invalid save_freq: Received: save_freq={save_freq!r}. "
                 "Use 'epoch' or a number of batches >= 1."
             )
+        rules = dict(keep_last=keep_last, keep_every_n_steps=keep_every_n_steps, keep_within=keep_within)
+        self.monitor, best = callback_best_options(
+            keep_best=keep_best, keep_best_mode=keep_best_mode, monitor=monitor, mode=mode,
+            save_best_only=save_best_only, rules=rules,
+        )
+        retention = {**rules, **best}
         if isinstance(directory_or_manager, (str, os.PathLike)):
-            retention = dict(
-                keep_last=keep_last,
-                keep_every_n_steps=keep_every_n_steps,
-                keep_best=keep_best,
-                keep_best_mode=keep_best_mode,
-                keep_within=keep_within,
-            )
+            RetentionPolicy.from_options(**retention)  # one line here, not in a coordinator
             directory_or_manager = client_for(
                 os.fspath(directory_or_manager), rank=rank, world_size=world_size,
                 storage_options=storage_options, retention=retention, on_busy=on_busy,
@@ -105,9 +131,24 @@ class CheckpointCallback(keras.callbacks.Callback):
             ) or CheckpointManager(
                 directory_or_manager, storage_options=storage_options, on_busy=on_busy, **retention
             )
+        elif given := received_options(**rules, keep_best=keep_best, keep_best_mode=keep_best_mode,
+                                save_best_only=save_best_only or None):
+            raise ConfigError(
+                f"Invalid retention options: Received: {given} with a ready "
+                f"{type(directory_or_manager).__name__}, whose own retention applies. Pass "
+                "them to CheckpointManager(...), or pass a directory."
+            )
         self.manager = directory_or_manager
         self.save_freq = save_freq
+        # Batch saves carry training logs only: epoch ends add the val_ metrics.
+        self._epoch_saves = self.monitor is not None and save_freq != "epoch"
+        self._monitor_warned = False
+        if self._epoch_saves:
+            log.info("save_freq=%s with monitor %r: also saving at every epoch end, "
+                     "where fit() logs validation metrics", save_freq, self.monitor)
         self.restore_on_begin = restore
+        self.new_run = new_run
+        self._started = False  # a later fit() with this callback continues its own run
         self.async_save = async_save
         self.save_on_train_end = save_on_train_end
         self.grace_period_s = grace_period_s
@@ -125,18 +166,23 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._last_saved_step: int | None = None
         self._skip: tuple[int, int] | None = None  # (epoch, batches to skip)
         self._emergency_target: int | None = None
+        self._deferred_save = False  # a batch save on an epoch's last batch, for on_epoch_end
 
     # -- begin: restore -------------------------------------------------------
     def on_train_begin(self, logs=None):
         previous = self._global_step  # this callback's own count, from an earlier fit()
         self._reset_position()
+        self.restored_step, self.restored_manifest = None, None
         install_sigterm_handler()
         # The optimizer's count restarts at 0 after a recompile; ours does not.
         self._global_step = max(_optimizer_iterations(self.model), previous)
-        if self.restore_on_begin and self.manager.latest_step() is not None:
+        newest = self.manager.latest_step()
+        if self.restore_on_begin and newest is not None:
             self._restore()
         if isinstance(self.manager, CheckpointManager) and self.manager.lease.held is None:
             self.manager.claim()  # an earlier run still writing here is fenced from now on
+        self._settle_history(newest)
+        self._started = True
         if hasattr(self.manager, "prepare"):
             self.manager.prepare(self.model)  # host buffers now, not at the first save
 
@@ -153,6 +199,26 @@ class CheckpointCallback(keras.callbacks.Callback):
             self._skip = (next_epoch, next_batch)
             self._install_skipper(next_batch)
         log.info("resumed from step %d (epoch %d, batch %d)", manifest.step, next_epoch, next_batch)
+
+    def _settle_history(self, newest: int | None) -> None:
+        """One directory, one run's history (see :mod:`ckptmgr.history`): steps
+        newer than the one training continues from are moved aside before
+        training writes those step numbers again; a fresh run over another
+        run's checkpoints is refused unless ``new_run``."""
+        if newest is None:
+            return
+        if self.restored_step is not None:
+            if newest > self.restored_step:
+                self.manager.supersede_after(
+                    self.restored_step, f"training resumed from step {self.restored_step}")
+        elif self.new_run:
+            self.manager.supersede_after(None, "a new run started here (new_run=True)")
+        elif not self._started:
+            raise ConfigError(
+                f"{self.manager.directory} already holds checkpoints (newest: step {newest}) "
+                "and restore=False. Pass restore=True to continue that run, new_run=True "
+                "to start a new one (the old steps are moved to superseded/), or use a new directory."
+            )
 
     def _resume_position(self, loop: LoopState) -> tuple[int, int]:
         """Where to continue. A batch save on an epoch's last batch leaves nothing
@@ -202,7 +268,15 @@ class CheckpointCallback(keras.callbacks.Callback):
             self._emergency_save(logs)
             return
         if self.save_freq != "epoch" and before // self.save_freq != self._global_step // self.save_freq:
-            self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+            if self._epoch_saves and self._ends_epoch():
+                self._deferred_save = True  # on_epoch_end saves it, with the val_ metrics
+            else:
+                self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+
+    def _ends_epoch(self) -> bool:
+        """True after the epoch's last batch (unknown when fit() has no steps count)."""
+        steps = (self.params or {}).get("steps")
+        return bool(steps) and self._batch >= steps
 
     # -- preemption ---------------------------------------------------------------
     def _emergency_due(self) -> bool:
@@ -239,8 +313,26 @@ class CheckpointCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._epoch_done = True
         self._skip = None
-        if self.save_freq == "epoch":
+        logged = self._monitor_logged(epoch, logs)
+        deferred, self._deferred_save = self._deferred_save, False
+        if self.save_freq == "epoch" or deferred or (self._epoch_saves and logged):
             self._save(logs, next_epoch=epoch + 1, next_batch=0)
+
+    def _monitor_logged(self, epoch: int, logs) -> bool:
+        """Whether the monitored metric is in this epoch's logs; warns once if not."""
+        if self.monitor is None:
+            return False
+        if self.monitor in (logs or {}):
+            return True
+        if not self._monitor_warned:
+            self._monitor_warned = True
+            log.warning(
+                "monitor %r is not in the logs of epoch %d (logged: %s): checkpoints carry "
+                "it only when fit() logs it. Pass validation_data to fit() for val_ "
+                "metrics, or monitor a logged metric.",
+                self.monitor, epoch + 1, ", ".join(sorted(logs or {})) or "nothing",
+            )
+        return False
 
     def on_train_end(self, logs=None):
         try:

@@ -30,6 +30,7 @@ from ckptmgr.errors import (
     ConfigError,
     CorruptCheckpointError,
 )
+from ckptmgr.history import History, SupersededCheckpoint
 from ckptmgr.integrity import Progress, Verifier, VerifyResult
 from ckptmgr.io.archive import ModelSnapshot, open_weights, read_json_member, write_weights_only
 from ckptmgr.io.destination import copy_to_destination
@@ -58,9 +59,12 @@ class CheckpointManager:
     Args:
         directory: local path or URL (``gs://``, ``s3://``, ``memory://``...).
         storage_options: passed to fsspec (credentials, endpoints).
-        keep_last, keep_every_n_steps, keep_best, keep_best_mode, keep_within:
-            retention rules, combined as a union; none means keep everything.
-            The newest checkpoint is never pruned.
+        keep_last, keep_every_n_steps, keep_best, keep_best_mode, keep_best_n,
+            keep_within: retention rules, combined as a union; none means keep
+            everything. The newest checkpoint is never pruned.
+            ``keep_best_mode`` is ``"min"`` (default), ``"max"`` or ``"auto"``
+            (inferred from the metric's name, as Keras's ``mode="auto"``);
+            ``keep_best_n`` keeps that many best.
         retention: a ready :class:`RetentionPolicy` instead of the options.
         on_busy: what a non-blocking save does while the previous one is still
             writing: ``"wait"`` (default) or ``"skip"``.
@@ -79,7 +83,8 @@ class CheckpointManager:
         keep_last: int | None = None,
         keep_every_n_steps: int | None = None,
         keep_best: str | None = None,
-        keep_best_mode: str = "min",
+        keep_best_mode: Literal["min", "max", "auto"] = "min",
+        keep_best_n: int = 1,
         keep_within: timedelta | str | None = None,
         retention: RetentionPolicy | None = None,
         on_busy: BusyPolicy = "wait",
@@ -92,6 +97,7 @@ class CheckpointManager:
                 keep_every_n_steps=keep_every_n_steps,
                 keep_best=keep_best,
                 keep_best_mode=keep_best_mode,
+                keep_best_n=keep_best_n,
                 keep_within=keep_within,
             )
         self.retention = retention
@@ -104,6 +110,7 @@ class CheckpointManager:
         self.lease = WriterLease(self.storage)
         self._verifier = Verifier(self.storage, self._read_manifest)
         self._committer = Committer(self.storage, self.lease, self._read_manifest)
+        self._history = History(self.storage, self.lease)
         self._plan = None
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: Future | None = None
@@ -327,7 +334,8 @@ class CheckpointManager:
             return [self._verifier.verify_step(self._resolve_step(step), progress)]
         steps = self.steps()
         results = [self._verifier.verify_step(s, progress) for s in steps]
-        return sorted(results + self._verifier.orphans(set(steps)), key=lambda r: r.step)
+        orphans = self._verifier.orphans(set(steps), self._history.kept_archives)
+        return sorted(results + orphans, key=lambda r: r.step)
 
     def verified_archive(self, step: int | None = None, *, progress: Progress | None = None):
         """A local path to a verified archive of ``step`` (downloaded if remote)."""
@@ -429,6 +437,24 @@ class CheckpointManager:
         self._sweep(self.sweep_grace_s, manifests)
         return PruneReport(decision, tuple(doomed), False, newest)
 
+    # -- one run's history (see ckptmgr.history) ---------------------------------
+    def supersede_after(self, step: int | None, reason: str) -> list[int]:
+        """Move committed steps newer than ``step`` (all, for None) to
+        ``superseded/`` before training writes those steps again; takes the
+        writer lease if not held. Returns the steps moved."""
+        if self.lease.held is None:
+            self.claim()
+        return self._history.supersede_after(step, reason)
+
+    def superseded(self) -> list[SupersededCheckpoint]:
+        """Steps moved aside (never restored; kept until :meth:`delete_superseded`)."""
+        return self._history.list()
+
+    def delete_superseded(self) -> list[SupersededCheckpoint]:
+        """Delete every superseded step and its archive; return them."""
+        live = {m.step: m.archive for m in self.manifests()}
+        return self._history.delete(live)
+
     def sweep(self, older_than_s: float | None = None) -> list[str]:
         """Remove leftovers of interrupted writes; return their URLs.
 
@@ -442,12 +468,14 @@ class CheckpointManager:
     def _sweep(self, grace: float, manifests: list[Manifest]) -> list[str]:
         """``manifests`` must have been read before the sweep lists the root."""
         self.lease.check("sweeping leftovers")
-        return self.storage.sweep(grace, {m.step: m.archive for m in manifests})
+        claimed = {m.step: m.archive for m in manifests}
+        return self.storage.sweep(grace, claimed, self._history.kept_archives)
 
     def leftovers(self, older_than_s: float | None = None) -> list[str]:
         """What :meth:`sweep` would remove now (names relative to the directory)."""
         grace = self.sweep_grace_s if older_than_s is None else check_grace(older_than_s, "older_than_s")
-        return self.storage.orphans(grace, {m.step: m.archive for m in self.manifests()})
+        claimed = {m.step: m.archive for m in self.manifests()}
+        return self.storage.orphans(grace, claimed, self._history.kept_archives)
 
     # -- exporting ----------------------------------------------------------------------
     def export_weights(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None, overwrite: bool = False, include_optimizer: bool = True) -> str:

@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from ckptmgr.errors import ConfigError
 
@@ -21,6 +21,29 @@ _UNIT_SECONDS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
 _DURATION_RE = re.compile(r"(?:\d+[smhdw])+")
 _PART_RE = re.compile(r"(\d+)([smhdw])")
 _MAX_DURATION_S = 100 * 365 * 86400
+
+# mode="auto", as Keras infers it: "loss" goes down, and a compiled metric goes the
+# way its ``_direction`` says. Keras reads that from the model; retention runs
+# without one (coordinator, CLI), so these are the names fit() logs for Keras's
+# own metrics, by direction (tests/test_best.py checks them against Keras).
+_MAX_METRICS = frozenset({
+    "accuracy", "acc", "binary_accuracy", "categorical_accuracy",
+    "sparse_categorical_accuracy", "top_k_categorical_accuracy",
+    "sparse_top_k_categorical_accuracy", "auc", "precision", "recall", "f1_score",
+    "fbeta_score", "r2_score", "io_u", "binary_io_u", "mean_io_u", "one_hot_io_u",
+    "one_hot_mean_io_u", "pearson_correlation", "concordance_correlation",
+    "cosine_similarity", "precision_at_recall", "recall_at_precision",
+    "sensitivity_at_specificity", "specificity_at_sensitivity",
+})
+_MIN_METRICS = frozenset({
+    "loss", "mae", "mse", "mape", "msle", "mean_absolute_error", "mean_squared_error",
+    "mean_absolute_percentage_error", "mean_squared_logarithmic_error",
+    "root_mean_squared_error", "binary_crossentropy", "categorical_crossentropy",
+    "sparse_categorical_crossentropy", "hinge", "squared_hinge", "categorical_hinge",
+    "kl_divergence", "poisson", "logcosh",
+})
+_INSTANCE_SUFFIX_RE = re.compile(r"_\d+$")  # Keras names a second AUC "auc_1"
+MODES = ("min", "max", "auto")
 
 
 def _invalid(name: str, value: object, fix: str) -> ConfigError:
@@ -31,6 +54,24 @@ def _invalid(name: str, value: object, fix: str) -> ConfigError:
 def _is_int(value: object, minimum: int) -> bool:
     # bool is an int subclass; True must not silently mean 1.
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def infer_mode(metric: str, *, option: str = "mode") -> Literal["min", "max"]:
+    """Keras's ``mode="auto"`` from a logged name: ``"max"`` for accuracy, AUC,
+    precision..., ``"min"`` for losses and errors.
+
+    ``val_``, an output's prefix (``out_a_accuracy``) and Keras's instance
+    suffix (``auc_1``) are ignored. Like Keras, a name whose direction is not
+    known is refused rather than guessed.
+    """
+    name = _INSTANCE_SUFFIX_RE.sub("", metric.removeprefix("val_"))
+    for known, mode in ((_MAX_METRICS, "max"), (_MIN_METRICS, "min")):
+        if any(name == k or name.endswith("_" + k) for k in known):
+            return mode  # type: ignore[return-value]
+    raise ConfigError(
+        f"Invalid {option}: Received: {option}='auto' for metric {metric!r}, whose "
+        f"direction Keras cannot infer. Use {option}='min' (lower is better) or {option}='max'."
+    )
 
 
 def _require_aware(name: str, value: object) -> None:
@@ -179,11 +220,17 @@ class RetentionPolicy:
         keep_last: int | None = None,
         keep_every_n_steps: int | None = None,
         keep_best: str | None = None,
-        keep_best_mode: str = "min",
+        keep_best_mode: Literal["min", "max", "auto"] = "min",
         keep_best_n: int = 1,
         keep_within: timedelta | str | None = None,
     ) -> RetentionPolicy:
-        """Build a policy from flat CLI/config options; ``None`` means unused."""
+        """Build a policy from flat CLI/config options; ``None`` means unused.
+
+        ``keep_best_mode="auto"`` is resolved here, from the metric's name
+        (:func:`infer_mode`), so the rule and its reason show ``min`` or ``max``.
+        """
+        if keep_best_mode not in MODES:
+            raise _invalid("keep_best_mode", keep_best_mode, "Use 'min', 'max' or 'auto'.")
         if keep_best is None and (keep_best_mode != "min" or keep_best_n != 1):
             # Silently ignoring keep_best_mode/keep_best_n would surprise the user.
             raise ConfigError(
@@ -197,6 +244,8 @@ class RetentionPolicy:
         if keep_every_n_steps is not None:
             rules.append(KeepEveryNSteps(keep_every_n_steps))
         if keep_best is not None:
+            if keep_best_mode == "auto" and isinstance(keep_best, str):
+                keep_best_mode = infer_mode(keep_best, option="keep_best_mode")
             rules.append(KeepBest(keep_best, keep_best_mode, keep_best_n))  # type: ignore[arg-type]
         if keep_within is not None:
             if not isinstance(keep_within, timedelta):
@@ -280,3 +329,71 @@ def format_duration(td: timedelta) -> str:
         if count:
             parts.append(f"{count}{unit}")
     return "".join(parts) or "0s"
+
+
+# -- the callback's two spellings of "best" -------------------------------------
+
+
+def callback_best_options(
+    *, keep_best, keep_best_mode, monitor, mode, save_best_only, rules: dict[str, Any]
+) -> tuple[str | None, dict[str, Any]]:
+    """The monitored metric and the manager's keep_best options, from the two
+    spellings: ``keep_best="METRIC"`` (older, with ``keep_best_mode``) or
+    Keras's ``monitor``/``mode`` with ``keep_best=N`` or ``save_best_only``.
+    Mixing them, or options that contradict, is refused in one line."""
+    if not isinstance(save_best_only, bool):
+        raise ConfigError(f"Invalid save_best_only: Received: save_best_only={save_best_only!r}. "
+                          "Use True or False.")
+    if isinstance(keep_best, str):
+        mixed = received_options(monitor=monitor, mode=mode, save_best_only=save_best_only or None)
+        if mixed:
+            raise ConfigError(
+                f"Invalid keep_best: Received: keep_best={keep_best!r}, {mixed}. Use either "
+                "keep_best='METRIC' (with keep_best_mode) or monitor='METRIC' (with mode, "
+                "keep_best=N or save_best_only=True), not both."
+            )
+        return keep_best, {"keep_best": keep_best, "keep_best_mode": keep_best_mode}
+    if keep_best_mode != "min":
+        raise ConfigError(
+            f"Invalid keep_best_mode: Received: keep_best_mode={keep_best_mode!r} without "
+            "keep_best='METRIC'. Use keep_best='val_loss' with it, or mode= with monitor=."
+        )
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"Invalid mode: Received: mode={mode!r}. Use 'min', 'max' or 'auto'.")
+    if keep_best is not None and (isinstance(keep_best, bool) or not isinstance(keep_best, int)
+                                  or keep_best < 1):
+        raise ConfigError(
+            f"Invalid keep_best: Received: keep_best={keep_best!r}. Use a metric name "
+            "(keep_best='val_loss') or, with monitor=, a number of checkpoints >= 1."
+        )
+    keep_n = keep_best
+    if save_best_only:
+        others = received_options(**rules, keep_best=keep_best)
+        if others:
+            raise ConfigError(
+                f"Invalid save_best_only: Received: save_best_only=True, {others}. Use "
+                "save_best_only alone (it keeps the best and the newest), or keep_best=N "
+                "with the other keep_* rules."
+            )
+        monitor, keep_n = ("val_loss" if monitor is None else monitor), 1  # Keras's default
+    if monitor is None:
+        if keep_n is not None or mode is not None:
+            given = received_options(keep_best=keep_best, mode=mode)
+            raise ConfigError(f"Invalid monitor: Received: monitor=None, {given}. "
+                              "Use monitor='METRIC' with them, e.g. monitor='val_loss'.")
+        return None, {"keep_best": None, "keep_best_mode": "min"}
+    if not isinstance(monitor, str) or not monitor:
+        raise ConfigError(f"Invalid monitor: Received: monitor={monitor!r}. "
+                          "Use a metric name from fit()'s logs, e.g. 'val_loss'.")
+    if keep_n is None:  # monitored only: no keep-best rule
+        return monitor, {"keep_best": None, "keep_best_mode": "min"}
+    if mode in (None, "auto"):
+        infer_mode(monitor)  # refuse here, naming `mode`, what Keras cannot infer
+    options = {"keep_best": monitor, "keep_best_mode": mode or "auto"}
+    return monitor, options if keep_n == 1 else {**options, "keep_best_n": keep_n}
+
+
+def received_options(**options: Any) -> str:
+    """``"a=1, b='x'"`` for the options that were set (not None, not the default mode)."""
+    return ", ".join(f"{k}={v!r}" for k, v in options.items()
+                     if v is not None and not (k == "keep_best_mode" and v == "min"))

@@ -354,3 +354,24 @@ def test_ranks_without_a_coordinator_create_one_never_per_rank_writers(cluster, 
     relative = ray.get(_callback_on_a_rank.remote("relative/run", 0))
     assert relative.startswith("ConfigError: Invalid checkpoint directory for a distributed run")
     ray.kill(coordinator)
+
+
+def test_fallback_on_ray_moves_the_abandoned_step_aside(cluster, tmp_path):
+    """Issue 9: after a fallback from a corrupt newest checkpoint, the resumed
+    run reaches that step again: rank 0 has the coordinator move it aside, the
+    step is written afresh, and the run ends as the first one did."""
+    directory = str(tmp_path / "run")
+    cfg = _cfg(directory)
+    first, _ = run_on_ray(cfg, resume=False, worker_resources=PLACEMENT)
+    manager = CheckpointManager(directory)
+    newest = manager.latest_step()
+    assert newest == first.final_step == 32
+    with open(manager.local_archive_path(newest), "r+b") as f:
+        f.seek(-64, 2)
+        f.write(b"\0" * 8)
+    result, _ = run_on_ray(cfg, resume=True, worker_resources=PLACEMENT)
+    assert result.restored_step == 24
+    assert result.final_step == 32 and result.weights_sha256 == first.weights_sha256
+    assert [s.step for s in manager.superseded()] == [32]
+    assert manager.latest_step() == 32 and all(r.ok for r in manager.verify())
+    _kill_coordinator(directory)

@@ -110,24 +110,6 @@ def test_resume_is_bit_identical(tmp_path, save_freq, interrupt_at, resumed_at):
     assert CheckpointManager(tmp_path / "run").latest_step() == EPOCHS * SAMPLES // BATCH
 
 
-def test_fresh_run_over_old_checkpoints_never_overwrites(tmp_path, caplog):
-    """restore=False over existing checkpoints: a step the earlier run (another
-    lease) committed is kept as it was, and the clash is said out loud."""
-    import logging
-
-    _fit(tmp_path / "run", 4, interrupt_at=11)
-    before = CheckpointManager(tmp_path / "run").manifest(4)
-    model = _model()
-    x, y = _data()
-    with caplog.at_level(logging.WARNING, logger="ckptmgr"):
-        model.fit(
-            x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
-            callbacks=[CheckpointCallback(tmp_path / "run", save_freq=4, restore=False)],
-        )
-    assert CheckpointManager(tmp_path / "run").manifest(4) == before
-    assert any("step 4 was already committed" in r.getMessage() for r in caplog.records)
-
-
 def test_completed_run_resumes_to_a_no_op(tmp_path):
     first, _, _ = _fit(tmp_path / "run", "epoch")
     again, callback, _ = _fit(tmp_path / "run", "epoch")
@@ -175,3 +157,31 @@ def test_callback_reused_across_a_recompile_keeps_counting(tmp_path):
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
     assert CheckpointManager(tmp_path / "run").steps() == [4, 6, 8, 12]
     assert CheckpointManager(tmp_path / "run").verify(12)[0].ok
+
+
+@pytest.mark.parametrize("steps_per_execution, save_freq, interrupt_at", [(2, 4, 11), (3, 3, 10)])
+def test_resume_with_steps_per_execution(tmp_path, steps_per_execution, save_freq, interrupt_at):
+    """Issue 9: resume is exact when fit() runs several batches per call."""
+    def fit(directory, interrupt=None):
+        model = _model()
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"],
+                      steps_per_execution=steps_per_execution)
+        callback = CheckpointCallback(directory, save_freq=save_freq)
+        callbacks = [callback] + ([InterruptAt(interrupt)] if interrupt else [])
+        x, y = _data()
+        try:
+            model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
+                      callbacks=callbacks)
+        except Interrupt:
+            callback.manager.wait_until_finished()
+        return model, callback
+
+    reference, _ = fit(tmp_path / "reference")
+    fit(tmp_path / "run", interrupt=interrupt_at // steps_per_execution)
+    saved = CheckpointManager(tmp_path / "run").latest_step()
+    assert 0 < saved < EPOCHS * SAMPLES // BATCH
+    resumed, callback = fit(tmp_path / "run")
+    assert callback.restored_step == saved
+    for ref, got in zip(_state(reference), _state(resumed), strict=True):
+        np.testing.assert_array_equal(ref, got)
+    assert int(resumed.optimizer.iterations) == EPOCHS * SAMPLES // BATCH

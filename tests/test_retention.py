@@ -529,6 +529,30 @@ def test_from_options_keep_best_defaults_to_min_n1():
     assert policy.rules == (KeepBest("val_loss", "min", 1),)
 
 
+@pytest.mark.parametrize("metric, mode", [
+    ("val_loss", "min"), ("val_accuracy", "max"), ("auc_1", "max"), ("val_out_a_mae", "min"),
+])
+def test_from_options_auto_mode_is_resolved_from_the_name(metric, mode):
+    policy = RetentionPolicy.from_options(keep_best=metric, keep_best_mode="auto", keep_best_n=2)
+    assert policy.rules == (KeepBest(metric, mode, 2),)
+    assert policy.rules[0].reason == f"keep_best={metric}/{mode}"
+
+
+def test_from_options_auto_mode_refuses_what_it_cannot_infer():
+    with pytest.raises(ConfigError) as info:
+        RetentionPolicy.from_options(keep_best="val_score", keep_best_mode="auto")
+    assert str(info.value) == (
+        "Invalid keep_best_mode: Received: keep_best_mode='auto' for metric 'val_score', whose "
+        "direction Keras cannot infer. Use keep_best_mode='min' (lower is better) or "
+        "keep_best_mode='max'."
+    )
+
+
+def test_from_options_rejects_auto_without_metric():
+    with pytest.raises(ConfigError, match=r"Set keep_best to a metric name"):
+        RetentionPolicy.from_options(keep_best_mode="auto")
+
+
 def test_from_options_bad_duration_names_keep_within():
     with pytest.raises(ConfigError, match=r"Received: keep_within='7x'"):
         RetentionPolicy.from_options(keep_within="7x")
@@ -539,7 +563,8 @@ def test_from_options_bad_duration_names_keep_within():
     [
         ({"keep_last": 0}, r"Invalid KeepLast.n: Received: n=0"),
         ({"keep_every_n_steps": -5}, r"Invalid KeepEveryNSteps.k: Received: k=-5"),
-        ({"keep_best": "acc", "keep_best_mode": "up"}, r"Invalid KeepBest.mode: .* mode='up'"),
+        ({"keep_best": "acc", "keep_best_mode": "up"},
+         r"^Invalid keep_best_mode: Received: keep_best_mode='up'\. Use 'min', 'max' or 'auto'\.$"),
         ({"keep_best": "acc", "keep_best_n": 0}, r"Invalid KeepBest.n: Received: n=0"),
         ({"keep_within": "0s"}, r"Invalid KeepWithin.window"),
     ],

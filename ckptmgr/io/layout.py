@@ -8,6 +8,10 @@
     ckpt-000000500.pin                  never prune step 500
     .tmp/                               local in-flight writes, swept later
     .lease/lease-000000003.json         writer leases; the highest number writes
+    superseded/ckpt-000000012-3f9a0c1d2b4e.json
+                                        step 12 of an abandoned future, moved
+                                        aside when training resumed from an
+                                        older step (its archive stays in place)
 
 Every archive carries its attempt id, so two writers of the same step (a
 zombie after a preemption, a duplicate launch) never write the same object:
@@ -28,10 +32,12 @@ from typing import Literal
 PREFIX = "ckpt-"
 TMP_DIR = ".tmp"
 LEASE_DIR = ".lease"
+SUPERSEDED_DIR = "superseded"
 
 Kind = Literal["archive", "manifest", "pin"]
 _NAME_RE = re.compile(r"^ckpt-(\d{9,})(?:-([0-9a-f]{12}))?\.(keras|json|pin)$")
 _LEASE_RE = re.compile(r"^lease-(\d{9,})\.json$")
+_SUPERSEDED_RE = re.compile(r"^ckpt-(\d{9,})-([0-9a-f]{12})\.json$")
 _EXTENSION = {"keras": "archive", "json": "manifest", "pin": "pin"}
 
 
@@ -89,6 +95,21 @@ def parse_lease_name(name: str) -> int | None:
     if match is None or lease_name(int(match.group(1))) != name:
         return None
     return int(match.group(1))
+
+
+def superseded_name(step: int, tag: str) -> str:
+    """The record of ``step`` moved aside; ``tag`` (its attempt id) keeps
+    records of the same step superseded twice apart."""
+    return f"{SUPERSEDED_DIR}/{PREFIX}{step:09d}-{tag}.json"
+
+
+def parse_superseded_name(name: str) -> tuple[int, str] | None:
+    """(step, tag) of a name inside ``superseded/``, or None."""
+    match = _SUPERSEDED_RE.match(name)
+    if match is None:
+        return None
+    step, tag = int(match.group(1)), match.group(2)
+    return (step, tag) if superseded_name(step, tag) == f"{SUPERSEDED_DIR}/{name}" else None
 
 
 def is_archive_of(name: str, step: int, attempt: str | None) -> bool:

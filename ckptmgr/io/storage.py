@@ -19,12 +19,11 @@ symlink out of the root. Backend errors are translated by
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
@@ -47,42 +46,10 @@ from ckptmgr.io.backend_errors import translated  # noqa: E402
 from ckptmgr.io.checksums import CHUNK_BYTES, HashingWriter  # noqa: E402
 from ckptmgr.io.localfs import RootEntry, atomic_create, fsync_dir, local_entries, open_regular  # noqa: E402
 from ckptmgr.io.manifest import MAX_MANIFEST_BYTES  # noqa: E402
+from ckptmgr.io.urls import check_url, parse_storage_options  # noqa: E402,F401 - re-exported
 
 log = logging.getLogger("ckptmgr")
 _reported: set[tuple[str, str]] = set()  # (root, name) already warned about
-
-
-def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
-    """Turn CLI ``key=value`` pairs into storage options (JSON-ish values)."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(
-                f"Invalid storage option: Received: {pair!r}. Use key=value, "
-                "e.g. --storage-option token=anon."
-            )
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
-def check_url(url: Any, what: str = "directory") -> str:
-    """Refuse URLs that fsspec would silently read as local paths (``gs:/x``)."""
-    if not isinstance(url, str) or not url.strip():
-        raise ConfigError(
-            f"Invalid checkpoint {what}: Received: {what}={url!r}. "
-            "Pass a local path or an fsspec URL such as gs://bucket/run."
-        )
-    scheme, sep, rest = url.partition(":")
-    if sep and scheme.isalnum() and len(scheme) > 1 and not rest.startswith("//"):
-        raise ConfigError(
-            f"Invalid URL: Received: {what}={url!r}. A URL needs two slashes after "
-            f"the scheme: {scheme}://{rest.lstrip('/')}"
-        )
-    return url
 
 
 class Storage:
@@ -333,6 +300,37 @@ class Storage:
         with self._translate(f"deleting lease {token}"):
             self._rm_if_exists(self._path(f"{layout.LEASE_DIR}/{layout.lease_name(token)}"))
 
+    # -- superseded steps (see ckptmgr.history) -------------------------------
+    def supersede(self, step: int, tag: str, record: bytes) -> None:
+        """Move ``step`` aside: create its record in ``superseded/`` (create-only;
+        an existing one means a crash or a peer got this far: fine), then
+        uncommit the step (manifest, then pin). Archives stay where they are."""
+        with self._translate("moving a checkpoint aside", step):
+            try:
+                self._create(layout.superseded_name(step, tag), record)
+            except FileExistsError:
+                pass
+            self._rm_if_exists(self._path(layout.manifest_name(step)))
+            self._rm_if_exists(self._path(layout.pin_name(step)))
+
+    def superseded(self) -> list[tuple[int, str]]:
+        """(step, tag) of every record in ``superseded/``, oldest step first."""
+        if self.is_local and os.path.islink(self._path(layout.SUPERSEDED_DIR)):
+            self._report(layout.SUPERSEDED_DIR, "a symlink; ckptmgr never follows it")
+            return []
+        parsed = (layout.parse_superseded_name(e.name) for e in self._entries(layout.SUPERSEDED_DIR) if e.regular)
+        return sorted(p for p in parsed if p is not None)
+
+    def read_superseded(self, step: int, tag: str) -> bytes:
+        return self._read_small(layout.superseded_name(step, tag), "reading a superseded record", step)
+
+    def delete_superseded(self, step: int, tag: str, archives: Collection[str]) -> None:
+        """Record first, then ``archives`` (names in the root)."""
+        with self._translate("deleting a superseded checkpoint", step):
+            self._rm_if_exists(self._path(layout.superseded_name(step, tag)))
+            for name in archives:
+                self._rm_if_exists(self._path(name))
+
     # -- reading -------------------------------------------------------------
     def read_manifest_bytes(self, step: int) -> bytes:
         return self._read_small(layout.manifest_name(step), "reading the manifest", step)
@@ -413,7 +411,8 @@ class Storage:
         except FileNotFoundError:
             pass
 
-    def orphans(self, older_than_s: float, claimed: Mapping[int, str] | None = None) -> list[str]:
+    def orphans(self, older_than_s: float, claimed: Mapping[int, str] | None = None,
+                kept: Callable[[], Collection[str]] = tuple) -> list[str]:
         """Leftovers of interrupted writes and deletes that may be swept.
 
         ``claimed`` maps steps whose manifests the caller read to the archive
@@ -421,7 +420,9 @@ class Storage:
         archive of a claimed step that its manifest does not name (a writer
         that lost the race), a pin without a manifest, a file in ``.tmp``.
         An archive of a step committed but not in ``claimed`` (committed after
-        the caller read, or unreadable) is always kept. Candidates go only
+        the caller read, or unreadable) is always kept, and so is every name
+        ``kept()`` returns (asked only when an archive is a candidate: the
+        archives of superseded steps). Candidates go only
         when older than ``older_than_s`` *and* older than the newest manifest
         (so an attempt in flight survives; with no manifest nothing goes).
         """
@@ -439,6 +440,9 @@ class Storage:
             if (p.kind == "archive" and unclaimed_archive(p, e.name))
             or (p.kind == "pin" and p.step not in committed)
         ]
+        if any(layout.parse_name(n) for n in candidates):
+            keep = set(kept())
+            candidates = [n for n in candidates if n not in keep]
         candidates += [f"{layout.TMP_DIR}/{n}" for n in self._tmp_leftovers()]
         if not candidates:
             return []
@@ -468,14 +472,15 @@ class Storage:
             return 0.0  # unknown age: too young to sweep
         return now - modified.timestamp()
 
-    def sweep(self, older_than_s: float = 3600.0, claimed: Mapping[int, str] | None = None) -> list[str]:
+    def sweep(self, older_than_s: float = 3600.0, claimed: Mapping[int, str] | None = None,
+              kept: Callable[[], Collection[str]] = tuple) -> list[str]:
         """Remove leftovers (see :meth:`orphans`); return their URLs.
 
         A leftover that cannot be removed is logged and skipped: sweeping is
         tidying and never fails a save.
         """
         removed = []
-        for name in self.orphans(older_than_s, claimed):
+        for name in self.orphans(older_than_s, claimed, kept):
             try:
                 with self._translate(f"sweeping {name}"):
                     self._rm_if_exists(self._path(name))
