@@ -25,4 +25,5 @@ SECTIONS: dict[str, str] = {
     "S5": "Peak RSS of the writer",
     "S6": "Scaling with Ray workers (replicated state)",
     "S7": "Profile: where ckptmgr spends its time",
+    "S8": "Save cadence on paper: lost work per failure, save_freq='auto' vs fixed intervals",
 }

@@ -77,11 +77,11 @@ def main(argv=None) -> int:
 
 
 def _sections(ctx: Context) -> None:
-    from bench import local
+    from bench import cadence, local
 
     s = ctx.settings
     if not _run(ctx, "S0", "model setup", local.setup_model):
-        for section in ("S1", "S2", "S3", "S5", "S7"):
+        for section in ("S1", "S2", "S3", "S5", "S7", "S8"):
             ctx.report.skipped(section, "single-process sections", "model setup failed (see Errors)")
     else:
         # S3 first: its save time sets K (batches between checkpoints) for S1/S2.
@@ -93,6 +93,7 @@ def _sections(ctx: Context) -> None:
         _run(ctx, "S1", "ModelCheckpoint", local.blocked_keras, "ModelCheckpoint")
         _run(ctx, "S1", "BackupAndRestore", local.blocked_keras, "BackupAndRestore")
         _run(ctx, "S2", "training slowdown", local.slowdown)
+        _run(ctx, "S8", "save cadence (paper)", cadence.lost_work)
         _run(ctx, "S5", "single-process writer memory", local.writer_memory)
         _run(ctx, "S7", "profile", local.profile)
         if s.skip_gcs:

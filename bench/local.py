@@ -164,7 +164,7 @@ def blocked_ckptmgr(ctx: Context) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     steady, steady_capture = median(at_saves[1:]), median(captures[1:])
     ctx.results.update(ckpt_callback_s=steady, ckpt_capture_s=steady_capture,
-                       ckpt_first_s=at_saves[0])
+                       ckpt_first_s=at_saves[0], ckpt_write_s=median(write_s))
     floor = ctx.results.get("floor_s")
     report = ctx.report
     report.add(Row("S1", f"ckptmgr CheckpointCallback (async), median of {len(at_saves) - 1} saves "
@@ -271,6 +271,7 @@ def slowdown(ctx: Context) -> None:
     base = (base1 + base2) / 2
     ratio = with_ckpt / base
     per_ckpt = (with_ckpt - base) / max(1, saves)
+    ctx.results["ckpt_lost_s"] = per_ckpt  # S8: the measured cost of a save to training
     step = base / steps
     report = ctx.report
     report.add(Row("S2", f"wall time of {steps} steps, ckptmgr async checkpoint every K={every} steps",
@@ -387,6 +388,7 @@ def local_disk(ctx: Context) -> None:
     w, e, rw, r, rr = (min(v) for v in (ck_write, ck_e2e, raw_w, ck_read, raw_r))
     mw, me, mrw, mr, mrr = (median(v) for v in (ck_write, ck_e2e, raw_w, ck_read, raw_r))
     ctx.results["local_save_e2e_s"] = me
+    ctx.results["restore_s"] = r  # S8: the restart cost
     report = ctx.report
     how = (f"best of {ctx.settings.reps} each (median ratio {mrw / mw:.2f}), alternating order, "
            "os.sync() before each")
@@ -456,7 +458,8 @@ class _Null(io.RawIOBase):
 
 def profile(ctx: Context) -> None:
     from ckptmgr import CheckpointManager
-    from ckptmgr.io.archive import _h5_skeleton, open_weights, write_keras_archive
+    from ckptmgr.io.archive import open_weights
+    from ckptmgr.io.archive_plan import _h5_skeleton, write_keras_archive
     from ckptmgr.state import StatePlan, apply_weights
     from ckptmgr.io.storage import HashingWriter
 

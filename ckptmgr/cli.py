@@ -375,7 +375,17 @@ def _print_inspect(manager, m: Manifest, pinned: bool, model, optimizer) -> None
     _out()
     _out("files")
     for name, entry in m.files.items():
-        _out(f"  {name}  {entry.bytes} bytes  sha256 {entry.sha256}")
+        _out(f"  {name}  {entry.bytes} bytes  {_checksums_text(entry)}")
+
+
+def _checksums_text(entry) -> str:
+    parts = []
+    if entry.crc32c is not None:
+        count = len(entry.crc32c)
+        parts.append(f"crc32c per {_human(entry.chunk_bytes)} chunk ({count} chunk{'s' * (count != 1)})")
+    if entry.sha256 is not None:
+        parts.append(f"sha256 {entry.sha256}")
+    return ", ".join(parts)
 
 
 # -- integrity and export ------------------------------------------------------

@@ -17,7 +17,12 @@ from typing import Any
 
 from ckptmgr import faults
 from ckptmgr.errors import CheckpointExistsError, CheckpointNotFoundError, CkptmgrError, CorruptCheckpointError
-from ckptmgr.io.archive import ModelSnapshot, write_keras_archive
+from ckptmgr.io import checksums
+from ckptmgr.io.archive_plan import planned_archive, split_ranges, write_keras_archive
+from ckptmgr.io.checksums import Algorithm, check_algorithm
+from ckptmgr.io.parts import MIN_PART_BYTES
+from ckptmgr.io.snapshot import ModelSnapshot
+from ckptmgr.ranged_write import RangeAssignment, RangeResult, assemble
 from ckptmgr.io.layout import archive_name, new_attempt_id
 from ckptmgr.io.lease import WriterLease
 from ckptmgr.io.manifest import FileEntry, LoopState, Manifest, SaveStats, WriterInfo, now_utc
@@ -29,25 +34,74 @@ log = logging.getLogger("ckptmgr")
 class Committer:
     """Writes checkpoints of one directory as the holder of its lease."""
 
-    def __init__(self, storage: Storage, lease: WriterLease, manifest: Callable[[int], Manifest]):
+    def __init__(self, storage: Storage, lease: WriterLease, manifest: Callable[[int], Manifest],
+                 algorithm: Algorithm = "crc32c"):
         self._storage = storage
         self._lease = lease
         self._manifest = manifest
+        self._algorithm = check_algorithm(algorithm)
 
-    def write(
+    def write(self, step: int, snapshot: ModelSnapshot, **meta: Any) -> tuple[Manifest, bool]:
+        """Commit ``snapshot`` as ``step``, streamed by this process: (the
+        step's manifest, whether it is ours). ``meta``: see :meth:`_write`.
+
+        Raises ``WriterFencedError`` once another process claimed the directory.
+        """
+        def stream(name: str) -> FileEntry:
+            with self._storage.open_archive_writer(name, self._algorithm) as writer:
+                write_keras_archive(writer, snapshot, scratch_dir=self._storage.scratch_dir())
+            crcs, sha256 = writer.result()
+            return FileEntry(bytes=writer.bytes_written, crc32c=crcs, chunk_bytes=writer.chunk_bytes,
+                             sha256=sha256)
+
+        return self._write(step, stream, _keras_version(snapshot), **meta)
+
+    def write_ranges(self, step: int, spec: ModelSnapshot, writers: int,
+                     dispatch: Callable[[list[RangeAssignment]], list[RangeResult]],
+                     **meta: Any) -> tuple[Manifest, bool]:
+        """Commit ``step`` written by up to ``writers`` ranks, a byte range each
+        (see :mod:`ckptmgr.ranged_write`). ``spec``: the snapshot's layout
+        (:meth:`ModelSnapshot.spec`); ``dispatch`` hands the assignments to the
+        ranks and returns their results (or raises). Chunk CRC32Cs only: a
+        sha256 of the whole cannot be combined from ranges.
+        """
+        kind = self._storage.parallel_kind()
+        if kind is None or self._algorithm != "crc32c":
+            raise ValueError(f"{self._storage.url}: no ranged writes here (backend or checksum={self._algorithm!r})")
+
+        def stream(name: str) -> FileEntry:
+            chunk = checksums.CHUNK_BYTES
+            with planned_archive(spec) as plan:
+                ranges = split_ranges(plan, writers, align=chunk, min_bytes=MIN_PART_BYTES[kind])
+                fingerprint = plan.fingerprint()
+                assignments = [RangeAssignment(step, name, i, a, b, fingerprint, chunk)
+                               for i, (a, b) in enumerate(ranges)]
+                self._storage.begin_parallel(name, plan.total)
+                try:
+                    size, crcs = assemble(self._storage, name, plan, dispatch(assignments), chunk)
+                except BaseException:
+                    self._storage.abandon_parallel(name, len(ranges))
+                    raise
+            return FileEntry(bytes=size, crc32c=crcs, chunk_bytes=chunk)
+
+        return self._write(step, stream, _keras_version(spec), **meta)
+
+    def _write(
         self,
         step: int,
-        snapshot: ModelSnapshot,
+        stream: Callable[[str], FileEntry],
+        keras_version: str,
         *,
         metrics: dict[str, float] | None = None,
         extra: dict[str, Any] | None = None,
         loop: LoopState | None = None,
         blocked_s: float = 0.0,
         world: dict[str, Any] | None = None,
+        counts: dict[str, int] | None = None,
     ) -> tuple[Manifest, bool]:
-        """Commit ``snapshot`` as ``step``: (the step's manifest, whether it is ours).
+        """Claim, stream the archive under a fresh attempt name, commit the manifest.
 
-        Raises ``WriterFencedError`` once another process claimed the directory.
+        ``counts``: saves replaced or skipped since the previous write (stats).
         """
         lease = self._lease.ensure(f"saving step {step}")
         existing = self._committed_by_other_writer(step, lease.token)
@@ -56,18 +110,17 @@ class Committer:
         started = time.perf_counter()
         attempt = new_attempt_id()
         name = archive_name(step, attempt)
-        with self._storage.open_archive_writer(name) as writer:
-            write_keras_archive(writer, snapshot, scratch_dir=self._storage.scratch_dir())
+        entry = stream(name)
         write_s = time.perf_counter() - started
-        size = writer.bytes_written
+        size = entry.bytes
         manifest = Manifest(
             step=step,
             created=now_utc(),
-            keras_version=_keras_version(snapshot),
+            keras_version=keras_version,
             archive=name,
             attempt=attempt,
             writer=WriterInfo(token=lease.token, owner=lease.owner),
-            files={name: FileEntry(bytes=size, sha256=writer.hexdigest())},
+            files={name: entry},
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             extra=dict(extra or {}),
             loop=loop,
@@ -76,6 +129,7 @@ class Committer:
                 blocked_s=round(blocked_s, 6),
                 write_s=round(write_s, 6),
                 mb_per_s=round(size / 1e6 / write_s, 3) if write_s > 0 else 0.0,
+                **(counts or {}),
             ),
             world=dict(world or {}),
         ).sealed()

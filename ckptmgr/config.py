@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from ckptmgr.cadence import parse_mtbf
 from ckptmgr.errors import ConfigError
 from ckptmgr.retention import RetentionPolicy, parse_duration
 
@@ -44,13 +45,14 @@ class CheckpointConfig(_Section):
 
     directory: str
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    save_freq: Literal["epoch"] | int = "epoch"
+    save_freq: Literal["epoch", "auto"] | int = "epoch"
+    mtbf: str | int | float | None = None  # save_freq: auto only; one node's, e.g. "24h"
     keep_last: int | None = Field(None, ge=1)
     keep_every_n_steps: int | None = Field(None, ge=1)
     keep_best: str | None = None
     keep_best_mode: Literal["min", "max", "auto"] = "min"  # auto: from the name, as Keras
     keep_within: str | None = None
-    on_busy: Literal["wait", "skip"] = "wait"
+    on_busy: Literal["newest", "wait", "skip"] = "newest"  # see ckptmgr.pipeline
     prune_interval_s: float = Field(60.0, gt=0)
 
     @field_validator("directory")
@@ -65,9 +67,16 @@ class CheckpointConfig(_Section):
     @field_validator("save_freq", mode="before")
     @classmethod
     def _check_save_freq(cls, value: Any) -> Any:
-        if value == "epoch" or (type(value) is int and value >= 1):
+        if value in ("epoch", "auto") or (type(value) is int and value >= 1):
             return value
-        raise ValueError("use 'epoch' or a number of batches >= 1, e.g. save_freq: 100")
+        raise ValueError("use 'epoch', 'auto' or a number of batches >= 1, e.g. save_freq: 100")
+
+    @field_validator("mtbf", mode="before")
+    @classmethod
+    def _check_mtbf(cls, value: Any) -> Any:
+        if value is not None:
+            parse_mtbf(value)  # ConfigError is a ValueError: pydantic reports it
+        return value
 
     @field_validator("keep_within")
     @classmethod
@@ -79,6 +88,15 @@ class CheckpointConfig(_Section):
     @model_validator(mode="after")
     def _check_retention(self) -> CheckpointConfig:
         self.retention_policy()  # e.g. keep_best_mode without keep_best
+        return self
+
+    @model_validator(mode="after")
+    def _mtbf_needs_auto(self) -> CheckpointConfig:
+        if self.mtbf is not None and self.save_freq != "auto":
+            raise ConfigError(
+                f"Invalid mtbf: Received: mtbf={self.mtbf!r} with save_freq={self.save_freq!r}. "
+                "mtbf sets the interval of save_freq: auto only; set save_freq: auto, or drop mtbf."
+            )
         return self
 
     def retention_options(self) -> dict[str, Any]:

@@ -14,6 +14,12 @@ A save of step N is two-phase:
 2. *Commit*: once all parts agree, the archive is streamed and the manifest
    written last (see :mod:`storage`); then retention runs.
 
+While a step is writing, what a newly complete step does is decided here,
+in one place, so every rank agrees (``on_busy``, see :mod:`ckptmgr.pipeline`):
+under ``"newest"`` it becomes pending and a newer complete step replaces it;
+the replaced step's outcome is ``{"replaced": True, "by": newer}`` for every
+rank waiting on it, not an error. An emergency step is never replaced.
+
 The actor is named after the checkpoint directory, so every process of a run
 finds the same one, and a restarted driver or worker finds it again.
 """
@@ -25,13 +31,14 @@ import logging
 import threading
 import time
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckptmgr.errors import DistributedSaveError
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState
+from ckptmgr.pipeline import SavePipeline
 
 log = logging.getLogger("ckptmgr")
 
@@ -54,7 +61,7 @@ class CoordinatorOptions:
     world_size: int = 1
     storage_options: dict[str, Any] = field(default_factory=dict)
     retention: dict[str, Any] = field(default_factory=dict)  # CheckpointManager kwargs
-    on_busy: str = "wait"
+    on_busy: str = "newest"
     save_timeout_s: float = 120.0
     prune_interval_s: float = 60.0
 
@@ -91,11 +98,11 @@ class Coordinator:
         self._lock = threading.Condition()
         self._parts: dict[int, dict[int, Part]] = {}
         self._results: dict[int, Future] = {}
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptmgr-coordinator")
-        self._writing: int | None = None
+        self._metrics = _RayMetrics(options.directory)
+        self._writer = SavePipeline(options.on_busy, name="ckptmgr-coordinator",  # type: ignore[arg-type]
+                                    on_drop=self._metrics.count)
         self._prune_lock = threading.Lock()
         self._emergency: int | None = None
-        self._metrics = _RayMetrics(options.directory)
         self._stop = threading.Event()
         for target in (self._timeout_loop, self._prune_loop):
             threading.Thread(target=target, daemon=True).start()
@@ -141,19 +148,21 @@ class Coordinator:
                 "nothing was written. Replicas diverged: check the strategy and seeds."
             ))
             return
-        if self.options.on_busy == "skip" and self._writing is not None:
-            log.warning("step %d skipped: step %d still writing (on_busy='skip')",
-                        step, self._writing)
-            result.set_result({"skipped": True, "step": step})
-            return
-        future = self._writer.submit(self._write, step, parts)
+        future = self._writer.submit(
+            step, lambda: self._write(step, parts), may_drop=True, report=False,
+            sticky=bool(parts[0].extra.get("emergency")),
+            replaced=lambda by: {"replaced": True, "step": step, "by": by},
+            skipped=lambda: {"skipped": True, "step": step},
+        )
         future.add_done_callback(lambda f: _copy_outcome(f, result))
 
     # -- phase 2: commit --------------------------------------------------------
     def _write(self, step: int, parts: dict[int, Part]) -> dict:
+        """The writer thread's job; the manifest also counts the steps
+        replaced or skipped since the previous write."""
         import ray
 
-        self._writing = step
+        counts = self._writer.take_counts()
         try:
             lead = parts[0]
             snapshot = ray.get(lead.snapshot_ref[0])
@@ -169,11 +178,13 @@ class Coordinator:
                     blocked_s=blocked_s,
                     world={"world_size": self.options.world_size,
                            "ranks": sorted(parts), "digest": lead.digest},
+                    counts=counts,
                 )
-            self._metrics.record(manifest.stats)
-            return {"step": step, "manifest": manifest.model_dump(mode="json")}
-        finally:
-            self._writing = None
+        except BaseException:
+            self._writer.give_back_counts(counts)
+            raise
+        self._metrics.record(manifest.stats)
+        return {"step": step, "manifest": manifest.model_dump(mode="json")}
 
     def wait_step(self, step: int, timeout_s: float | None = None) -> dict:
         """Block until ``step`` is committed (or failed); re-raise its error."""
@@ -275,9 +286,13 @@ class Coordinator:
     def emergency_step(self) -> int | None:
         return self._emergency
 
+    def dropped_saves(self) -> dict[str, int]:
+        """Steps replaced and skipped so far (also the Ray counters)."""
+        return dict(self._metrics.dropped)
+
     def shutdown(self) -> None:
         self._stop.set()
-        self._writer.shutdown(wait=True)
+        self._writer.flush()
 
 
 def _copy_outcome(source: Future, target: Future) -> None:
@@ -293,11 +308,19 @@ class _RayMetrics:
     def __init__(self, directory: str):
         self._tags = {"run": str(directory)}
         self.recorded = 0
+        self.dropped = {"replaced": 0, "skipped": 0}
         try:
             from ray.util import metrics
         except ImportError:  # pragma: no cover - ray is a dependency
-            self._gauges = {}
+            self._gauges, self._counters = {}, {}
             return
+        self._counters = {
+            kind: metrics.Counter(f"ckptmgr_saves_{kind}", description=text, tag_keys=("run",))
+            for kind, text in {
+                "replaced": "saves replaced by a newer one before being written (on_busy=newest)",
+                "skipped": "saves skipped because the writer was busy (on_busy=skip)",
+            }.items()
+        }
         self._gauges = {
             name: metrics.Gauge(f"ckptmgr_{name}", description=text, tag_keys=("run",))
             for name, text in {
@@ -316,6 +339,12 @@ class _RayMetrics:
         for name, gauge in self._gauges.items():
             gauge.set(values[name], tags=self._tags)
         self.recorded += 1
+
+    def count(self, kind: str) -> None:
+        """One save replaced or skipped (``kind``)."""
+        self.dropped[kind] += 1
+        if kind in self._counters:
+            self._counters[kind].inc(1, tags=self._tags)
 
 
 def gather_shards(step: int, by_rank: dict[int, dict]) -> dict[str, Any]:

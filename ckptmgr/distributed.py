@@ -4,8 +4,13 @@
 :class:`ckptmgr.keras.CheckpointCallback` uses it unchanged. A save blocks
 training only while the state is copied into reusable host buffers; a
 background thread then digests it, puts it in the Ray object store (rank 0
-only) and waits for the coordinator's commit. One save is in flight per worker;
-``on_busy="wait"`` waits for the previous commit before the next copy.
+only) and submits this rank's part; the buffers are then free again. The
+coordinator decides, for every rank alike, what happens to a complete step
+while another one is writing (``on_busy``: newest wins by default, see
+:mod:`ckptmgr.coordinator`); the worker never drops a part. Two sets of host
+buffers let one be handed over while the next save copies into the other, so
+a save waits only for this rank's own previous handover, never for a commit.
+``on_busy="wait"`` (one set) waits for the previous commit before the next copy.
 
 Preemption: :func:`install_sigterm_handler` turns SIGTERM into a flag that the
 callback checks after every batch; the run then takes an emergency checkpoint
@@ -24,7 +29,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from collections.abc import Collection
@@ -39,6 +44,7 @@ from ckptmgr.coordinator import (
 from ckptmgr.errors import ConfigError, DistributedSaveError
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState, Manifest
+from ckptmgr.pipeline import SavePipeline
 
 log = logging.getLogger("ckptmgr")
 
@@ -99,8 +105,12 @@ class CoordinatorClient:
         self.grace_period_s = grace_period_s
         self._reader = CheckpointManager(options.directory, storage_options=options.storage_options)
         self._plan = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckptmgr-client")
-        self._in_flight: Future | None = None
+        self._waits_for_commit = options.on_busy == "wait"
+        # Handovers run one at a time, in order, none dropped ("wait" policy);
+        # with two buffer sets the next copy overlaps the previous handover.
+        self._handovers = SavePipeline("wait", buffer_sets=1 if self._waits_for_commit else 2,
+                                       name="ckptmgr-client")
+        self._outcomes: list[Future] = []  # of saves not yet waited for, oldest first
         self._emergency_ref = None
         self._resumed_from: int | None = None
         self._handle = None
@@ -154,54 +164,90 @@ class CoordinatorClient:
         """Plan and allocate host buffers now, so the first save is not slower."""
         from ckptmgr.state import plan_for
 
-        self._finish_previous()
+        self.wait_until_finished()
         if self.rank == 0:  # outcomes of steps this run saves again must not answer for it
             self._call("forget_after", self._resumed_from)
         self._plan = plan_for(model, self._plan)
-        self._plan.capture(reuse_buffers=True)
+        self._plan.warm(self._handovers.buffer_sets)
 
     # -- saving -------------------------------------------------------------------
     def save(self, step: int, model, *, metrics=None, extra=None, loop: LoopState | None = None,
              pin: bool = False, blocking: bool = False):
-        """Copy state to host (blocking), then hand it over in the background."""
+        """Copy state to host (blocking), then hand it over in the background.
+
+        Returns a future of the coordinator's outcome for the step: the
+        committed manifest, or ``{"replaced": True, "by": newer}`` /
+        ``{"skipped": True}`` as the coordinator decided (the same for every
+        rank). Raises an earlier save's failure once.
+        """
+        if self._waits_for_commit:
+            if self._outcomes and not self._outcomes[-1].done():
+                log.info("rank %d: waiting for the previous save (on_busy='wait')", self.rank)
+            self.wait_until_finished()
+        else:
+            self._raise_failed()
+        outcome = self._copy_and_hand_over(step, model, metrics=metrics, extra=extra, loop=loop)
+        return self.wait_until_finished() if blocking else outcome
+
+    def _copy_and_hand_over(self, step: int, model, *, metrics, extra, loop) -> Future:
+        """Copy into a free buffer set (waiting for this rank's previous
+        handover if both are busy); queue the handover; the outcome's future."""
         from ckptmgr.state import plan_for
 
-        if self._in_flight is not None and not self._in_flight.done():
-            if self.options.on_busy == "skip":
-                log.warning("rank %d: previous save still in flight; skipping step %d",
-                            self.rank, step)
-                return None
-            log.info("rank %d: waiting for the previous save", self.rank)
-        self._finish_previous()
         started = time.perf_counter()
-        self._plan = plan_for(model, self._plan)
-        snapshot = self._plan.capture(reuse_buffers=True)
+        ticket = self._handovers.admit(step, may_drop=False)
+        try:
+            self._plan = plan_for(model, self._plan)
+            snapshot = self._plan.capture(reuse_buffers=True, buffer_set=ticket.buffer_set)
+        except BaseException:
+            self._handovers.cancel(ticket)
+            raise
         blocked_s = time.perf_counter() - started
         meta = dict(metrics=metrics or {}, extra=extra or {},
                     loop=loop.model_dump() if loop is not None else None)
-        self._in_flight = self._executor.submit(self._hand_over, step, snapshot, blocked_s, meta)
-        if blocking:
-            return self.wait_until_finished()
-        return self._in_flight
+        outcome: Future = Future()
+        handed = self._handovers.submit(
+            step, lambda: self._hand_over(step, snapshot, blocked_s, meta, outcome),
+            ticket=ticket, report=False,
+        )
+        handed.add_done_callback(lambda f: f.exception() is None or outcome.set_exception(f.exception()))
+        self._outcomes.append(outcome)
+        return outcome
 
-    def _hand_over(self, step: int, snapshot, blocked_s: float, meta: dict) -> dict:
+    def _hand_over(self, step: int, snapshot, blocked_s: float, meta: dict, outcome: Future) -> None:
+        """Digest, put (rank 0) and submit this rank's part; the snapshot's
+        buffers are free once this returns. ``outcome`` settles at the commit."""
         import ray
 
         digest = snapshot_digest(snapshot, exclude=self.sharded)
         refs = [ray.put(snapshot)] if self.rank == 0 else []
         shard_ref = [ray.put(self._owned_rows(snapshot))] if self.sharded else []
-        actor = self._actor()
-        actor.submit_part.remote(step, self.rank, digest, refs, blocked_s,
-                                 meta["metrics"], meta["extra"], meta["loop"], shard_ref)
+        self._call("submit_part", step, self.rank, digest, refs, blocked_s,
+                   meta["metrics"], meta["extra"], meta["loop"], shard_ref)
         timeout = self.options.save_timeout_s + 600.0
-        result = self._call("wait_step", step, None, timeout=timeout)
-        if result.get("skipped"):
-            return result
-        stats = result["manifest"]["stats"]
-        if self.rank == 0:
+        ref = self._actor().wait_step.remote(step, timeout)
+        ref.future().add_done_callback(lambda done: self._settle(step, blocked_s, done, outcome))
+
+    def _settle(self, step: int, blocked_s: float, done: Future, outcome: Future) -> None:
+        """The coordinator's outcome for ``step`` into ``outcome``, logged."""
+        import ray
+
+        try:
+            result = done.result()
+        except ray.exceptions.RayActorError as exc:
+            self._handle = None  # the next save goes to a new coordinator
+            outcome.set_exception(DistributedSaveError(
+                f"step {step}: the coordinator died before committing it ({type(exc).__name__}); "
+                "nothing partial is listed, and the next save goes to a new coordinator."))
+            return
+        except BaseException as exc:  # noqa: BLE001 - the save's own error
+            outcome.set_exception(exc)
+            return
+        if self.rank == 0 and "manifest" in result:
+            stats = result["manifest"]["stats"]
             log.info("saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
                      step, stats["bytes"], blocked_s, stats["write_s"], stats["mb_per_s"])
-        return result
+        outcome.set_result(result)
 
     def _owned_rows(self, snapshot) -> dict[str, tuple[int, int, Any]]:
         """This rank's rows of every sharded dataset: {path: (start, stop, rows)}."""
@@ -220,21 +266,27 @@ class CoordinatorClient:
             )
         return owned
 
-    def _finish_previous(self) -> dict | None:
-        pending, self._in_flight = self._in_flight, None
-        if pending is None:
-            return None
-        return pending.result()
+    def _raise_failed(self) -> None:
+        """Raise the first failure among finished saves, once."""
+        done = [f for f in self._outcomes if f.done()]
+        self._outcomes = [f for f in self._outcomes if not f.done()]
+        for future in done:
+            if future.exception() is not None:
+                raise future.exception()
 
     def wait_until_finished(self, timeout_s: float | None = None) -> dict | None:
-        pending = self._in_flight
-        if pending is None:
-            return None
-        try:
-            return pending.result(timeout=timeout_s)
-        finally:
-            if pending.done():
-                self._in_flight = None
+        """Wait for the outcome of every save so far (``TimeoutError`` after
+        ``timeout_s``); the newest one's, or the first failure, once."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waiting = list(self._outcomes)
+        for future in waiting:  # the coordinator settles steps in order
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            future.exception(timeout=left)
+        self._outcomes = [f for f in self._outcomes if f not in waiting]
+        for future in waiting:
+            if future.exception() is not None:
+                raise future.exception()
+        return waiting[-1].result() if waiting else None
 
     # -- preemption -------------------------------------------------------------------
     def emergency_step(self, current_step: int) -> int | None:
@@ -282,22 +334,27 @@ class CoordinatorClient:
         return 2 + int(math.ceil(EMERGENCY_LEAD_S / max(step_s, 1e-4)))
 
     def emergency_save(self, step: int, model, *, loop: LoopState, metrics=None) -> bool:
-        """Save ``step`` and wait for its commit, at most the grace period."""
+        """Save ``step`` and wait for its commit, at most the grace period.
+
+        The coordinator never replaces an emergency step (``extra.emergency``):
+        it is written right after the step writing now, if any. Only under
+        ``on_busy="wait"`` is the previous commit waited for first.
+        """
         deadline = time.monotonic() + self.grace_period_s
         try:
-            self.wait_until_finished(timeout_s=max(0.0, deadline - time.monotonic()))
-            self.save(step, model, metrics=metrics, loop=loop, extra={"emergency": True})
-            self.wait_until_finished(timeout_s=max(0.0, deadline - time.monotonic()))
-            return True
+            if self._waits_for_commit:
+                self.wait_until_finished(timeout_s=max(0.0, deadline - time.monotonic()))
+            outcome = self._copy_and_hand_over(step, model, metrics=metrics, loop=loop,
+                                               extra={"emergency": True})
+            result = outcome.result(timeout=max(0.0, deadline - time.monotonic()))
+            return "manifest" in result
         except (TimeoutError, DistributedSaveError) as exc:
             log.error("emergency checkpoint of step %d abandoned: %s", step, exc)
             return False
 
     def close(self) -> None:
-        try:
-            self.wait_until_finished()
-        finally:
-            self._executor.shutdown(wait=True)
+        """Wait for every save's outcome (the handover thread ends by itself)."""
+        self.wait_until_finished()
 
 
 def client_for(directory: str, *, rank: int | None, world_size: int | None,

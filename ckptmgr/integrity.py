@@ -32,7 +32,8 @@ from ckptmgr.errors import (
 )
 from ckptmgr.io.archive import check_layout
 from ckptmgr.io.layout import archive_name
-from ckptmgr.io.manifest import Manifest
+from ckptmgr.io.checksums import ChunkedCrc32c
+from ckptmgr.io.manifest import FileEntry, Manifest
 from ckptmgr.io.storage import Storage
 
 log = logging.getLogger("ckptmgr")
@@ -98,18 +99,16 @@ class Verifier:
                 f"step {step}: {name} is truncated or altered "
                 f"({size} bytes, manifest says {entry.bytes})"
             )
-        digest = hashlib.sha256()
+        check = ArchiveCheck(entry)
         for chunk in self.storage.iter_archive_chunks(name):
-            digest.update(chunk)
+            check.update(chunk)
             if sink is not None:
                 sink.write(chunk)
             if progress is not None:
                 progress(len(chunk), entry.bytes)
-        if digest.hexdigest() != entry.sha256:
-            raise CorruptCheckpointError(
-                f"step {step}: {name} is corrupt (sha256 {digest.hexdigest()[:12]}..., "
-                f"manifest says {entry.sha256[:12]}...)"
-            )
+        problem = check.problem()
+        if problem is not None:
+            raise CorruptCheckpointError(f"step {step}: {name} is corrupt ({problem})")
         if members and self.storage.is_local:
             self._check_members(manifest)
 
@@ -211,6 +210,38 @@ class Verifier:
         if "error" in outcome:
             raise outcome["error"]
         return result
+
+
+class ArchiveCheck:
+    """Recompute, as the archive streams past, every checksum its manifest
+    entry records: the chunk CRC32Cs and, if there, the sha256."""
+
+    def __init__(self, entry: FileEntry):
+        self._entry = entry
+        self._chunks = ChunkedCrc32c(entry.chunk_bytes) if entry.crc32c is not None else None
+        self._sha = hashlib.sha256() if entry.sha256 is not None else None
+
+    def update(self, data) -> None:
+        if self._chunks is not None:
+            self._chunks.update(data)
+        if self._sha is not None:
+            self._sha.update(data)
+
+    def problem(self) -> str | None:
+        """None if all match; else what differs, naming the first bad chunk."""
+        entry = self._entry
+        if self._chunks is not None:
+            got = self._chunks.finish()
+            for index, (have, want) in enumerate(zip(got, entry.crc32c)):
+                if have != want:
+                    start, end = entry.chunk_range(index)
+                    return (f"CRC32C of bytes {start}-{end} (chunk {index + 1} of "
+                            f"{len(entry.crc32c)}) is {have}, manifest says {want}")
+            if len(got) != len(entry.crc32c):
+                return f"{len(got)} chunks, manifest says {len(entry.crc32c)}"
+        if self._sha is not None and self._sha.hexdigest() != entry.sha256:
+            return f"sha256 {self._sha.hexdigest()[:12]}..., manifest says {entry.sha256[:12]}..."
+        return None
 
 
 def one_line(exc: Exception, step: int) -> str:

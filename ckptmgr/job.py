@@ -99,6 +99,7 @@ def run_local(cfg: JobConfig, *, resume: bool) -> JobResult:
         ckpt.directory,
         storage_options=ckpt.storage_options,
         save_freq=ckpt.save_freq,
+        mtbf=ckpt.mtbf,
         on_busy=ckpt.on_busy,
         **ckpt.retention_options(),
     )

@@ -11,7 +11,11 @@ determinism, ``shuffle=False``) an interrupted and resumed run therefore ends
 with weights bit-identical to an uninterrupted one.
 
 Saves block ``fit()`` only while state is copied to host memory; the archive
-is written by a background thread (``async_save=True``).
+is written by a background thread (``async_save=True``). By default
+(``on_busy="newest"``) a save due while the previous one still writes copies
+into a second set of host buffers and is written next, a newer one replacing
+it until then: ``fit()`` never waits on the writer, for up to twice the state
+in host memory.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
+from ckptmgr.cadence import AutoSaveFreq, committed_manifest, job_mtbf_s, parse_mtbf
 from ckptmgr.distributed import (
     clear_preemption,
     client_for,
@@ -34,7 +39,7 @@ from ckptmgr.errors import ConfigError
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState, Manifest
 from ckptmgr.retention import RetentionPolicy, callback_best_options, received_options
-from ckptmgr.state import TrainingState, apply_training_state, capture_training_state
+from ckptmgr.state import TrainingState, apply_training_state, capture_training_state, ensure_built_optimizer
 
 log = logging.getLogger("ckptmgr")
 
@@ -46,9 +51,24 @@ class CheckpointCallback(keras.callbacks.Callback):
         directory_or_manager: a directory/URL, or a ready ``CheckpointManager``
             (or any object with the same save/restore methods, such as the
             distributed client).
-        save_freq: ``"epoch"`` or a number of batches (global, across epochs).
-        storage_options, keep_last, keep_every_n_steps, keep_within, on_busy:
+        save_freq: ``"epoch"``, a number of batches (global, across epochs), or
+            ``"auto"``: the interval that wastes least for the measured cost of
+            a save and ``mtbf`` (Young/Daly), never shorter than 1.5x the
+            background write, re-estimated after every save (see
+            :mod:`ckptmgr.cadence`). The first save comes after 10 steps, to
+            measure; each manifest keeps the chosen interval in ``loop.cadence``,
+            and a resumed run starts from the restored one's measurements.
+        mtbf: ``save_freq="auto"`` only: one node's mean time between failures,
+            ``"24h"``-style or seconds (default ``"24h"``, the longest a
+            preemptible GCP VM runs); divided by the world size when distributed.
+        storage_options, keep_last, keep_every_n_steps, keep_within:
             passed to the manager when a directory is given.
+        on_busy: a save due while the previous one is still writing:
+            ``"newest"`` (default) copies into a second set of host buffers
+            (2x the state in host memory) and is written next, unless a newer
+            save replaces it first; ``"wait"`` waits for the write; ``"skip"``
+            drops the save. Replaced and skipped saves are logged with the
+            ``save_freq`` that would keep up, and counted in manifest stats.
         monitor, mode, save_best_only: as in Keras's ``ModelCheckpoint``.
             ``monitor`` names the metric in ``fit()``'s logs that defines the
             best checkpoint (``"val_loss"``); ``mode`` is ``"auto"`` (default:
@@ -88,7 +108,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         self,
         directory_or_manager: str | os.PathLike | CheckpointManager | Any,
         *,
-        save_freq: Literal["epoch"] | int = "epoch",
+        save_freq: Literal["epoch", "auto"] | int = "epoch",
+        mtbf: str | float | None = None,
         storage_options: dict[str, Any] | None = None,
         keep_last: int | None = None,
         keep_every_n_steps: int | None = None,
@@ -98,7 +119,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         monitor: str | None = None,
         mode: Literal["auto", "min", "max"] | None = None,
         save_best_only: bool = False,
-        on_busy: Literal["wait", "skip"] = "wait",
+        on_busy: Literal["newest", "wait", "skip"] = "newest",
         restore: bool = True,
         new_run: bool = False,
         async_save: bool = True,
@@ -109,13 +130,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         sharded_variables: tuple[str, ...] = (),
     ):
         super().__init__()
-        if save_freq != "epoch" and (
-            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
-        ):
-            raise ConfigError(
-                f"Invalid save_freq: Received: save_freq={save_freq!r}. "
-                "Use 'epoch' or a number of batches >= 1."
-            )
+        _check_save_freq(save_freq, mtbf)
         rules = dict(keep_last=keep_last, keep_every_n_steps=keep_every_n_steps, keep_within=keep_within)
         self.monitor, best = callback_best_options(
             keep_best=keep_best, keep_best_mode=keep_best_mode, monitor=monitor, mode=mode,
@@ -140,6 +155,11 @@ class CheckpointCallback(keras.callbacks.Callback):
             )
         self.manager = directory_or_manager
         self.save_freq = save_freq
+        self.auto: AutoSaveFreq | None = None  # the save_freq="auto" schedule
+        if save_freq == "auto":
+            self.auto = AutoSaveFreq(job_mtbf_s(mtbf, _world_size(self.manager)),
+                                     async_save=async_save)
+        self._pending: Any = None  # auto: the last save's result, until its costs are learnt
         # Batch saves carry training logs only: epoch ends add the val_ metrics.
         self._epoch_saves = self.monitor is not None and save_freq != "epoch"
         self._monitor_warned = False
@@ -184,7 +204,13 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._settle_history(newest)
         self._started = True
         if hasattr(self.manager, "prepare"):
-            self.manager.prepare(self.model)  # host buffers now, not at the first save
+            # What fit() builds at its first step (Adam's slots), then the plan and
+            # host buffers: the first save then blocks no longer than later ones.
+            ensure_built_optimizer(self.model)
+            self.manager.prepare(self.model)
+        if self.auto is not None:
+            self._pending = None
+            self.auto.start(self._global_step, self.restored_manifest)
 
     def _restore(self) -> None:
         manifest = self.manager.restore(self.model)
@@ -267,11 +293,18 @@ class CheckpointCallback(keras.callbacks.Callback):
         if self._emergency_due():
             self._emergency_save(logs)
             return
-        if self.save_freq != "epoch" and before // self.save_freq != self._global_step // self.save_freq:
+        if self._batch_save_due(before, done):
             if self._epoch_saves and self._ends_epoch():
                 self._deferred_save = True  # on_epoch_end saves it, with the val_ metrics
             else:
                 self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+
+    def _batch_save_due(self, before: int, steps: int) -> bool:
+        """A multiple of ``save_freq`` was crossed, or the auto interval reached."""
+        if self.auto is not None:
+            self.auto.timer.tick(busy=_writing(self._pending), steps=steps)
+            return self.auto.due(self._global_step)
+        return self.save_freq != "epoch" and before // self.save_freq != self._global_step // self.save_freq
 
     def _ends_epoch(self) -> bool:
         """True after the epoch's last batch (unknown when fit() has no steps count)."""
@@ -351,6 +384,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         if step == self._last_saved_step:
             return
         loop = self._loop_state(next_epoch=next_epoch, next_batch=next_batch)
+        if self.auto is not None:
+            # The previous save's costs. Every rank waits for the same one (it has
+            # normally finished: the interval outlasts the write), so all agree.
+            self.auto.learn(self._take_pending())
+            loop.cadence = self.auto.record()
         result = self.manager.save(
             step,
             self.model,
@@ -360,6 +398,28 @@ class CheckpointCallback(keras.callbacks.Callback):
         )
         if result is not None:  # None: skipped, the previous save still writing
             self._last_saved_step = step
+        if self.auto is not None:
+            self._schedule_auto(step, result)
+
+    def _schedule_auto(self, step: int, result: Any) -> None:
+        """The next auto save: one interval on. The first save is waited for,
+        once, so that the rule starts from a measured cost."""
+        self._pending = result
+        if not self.auto.estimator.measured:
+            self.auto.learn(self._take_pending())
+        self.auto.schedule(step)
+        self.auto.timer.restart()  # the save's own time is not a training step
+
+    def _take_pending(self) -> Manifest | None:
+        """The committed manifest of the last save, waiting for it; None when it
+        was skipped or failed (the manager raises that at its next call)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and hasattr(pending, "result"):
+            try:
+                pending = pending.result()
+            except Exception:  # noqa: BLE001 - reported by the manager's next call
+                return None
+        return committed_manifest(pending)
 
 
     def _loop_state(self, *, next_epoch: int, next_batch: int) -> LoopState:
@@ -370,6 +430,35 @@ class CheckpointCallback(keras.callbacks.Callback):
             next_batch=next_batch,
             training=capture_training_state(self.model).to_json(),
         )
+
+
+def _check_save_freq(save_freq: Any, mtbf: Any) -> None:
+    if isinstance(save_freq, str):
+        ok = save_freq in ("epoch", "auto")
+    else:
+        ok = isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq >= 1
+    if not ok:
+        raise ConfigError(
+            f"Invalid save_freq: Received: save_freq={save_freq!r}. "
+            "Use 'epoch', 'auto' or a number of batches >= 1."
+        )
+    if mtbf is not None and save_freq != "auto":
+        raise ConfigError(
+            f"Invalid mtbf: Received: mtbf={mtbf!r} with save_freq={save_freq!r}. "
+            "mtbf sets the interval of save_freq='auto' only: pass save_freq='auto', or drop mtbf."
+        )
+    if mtbf is not None:
+        parse_mtbf(mtbf)
+
+
+def _world_size(manager: Any) -> int:
+    """Nodes whose failures stop the job: the distributed client's world size, else 1."""
+    return int(getattr(getattr(manager, "options", None), "world_size", 1) or 1)
+
+
+def _writing(result: Any) -> bool:
+    """Whether a save's background write is still running."""
+    return result is not None and hasattr(result, "done") and not result.done()
 
 
 def _optimizer_iterations(model) -> int:

@@ -14,10 +14,9 @@ import operator
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,18 +31,17 @@ from ckptmgr.errors import (
 )
 from ckptmgr.history import History, SupersededCheckpoint
 from ckptmgr.integrity import Progress, Verifier, VerifyResult
+from ckptmgr.io.checksums import Algorithm
 from ckptmgr.io.archive import ModelSnapshot, open_weights, read_json_member, write_weights_only
 from ckptmgr.io.destination import copy_to_destination
 from ckptmgr.io.layout import manifest_name
 from ckptmgr.io.lease import WriterLease
 from ckptmgr.io.manifest import LoopState, Manifest, now_utc
 from ckptmgr.io.storage import Storage
+from ckptmgr.pipeline import BusyPolicy, SavePipeline, check_policy
 from ckptmgr.retention import CheckpointInfo, RetentionDecision, RetentionPolicy, check_grace
 
 log = logging.getLogger("ckptmgr")
-
-BusyPolicy = Literal["wait", "skip"]
-
 
 @dataclass(frozen=True)
 class PruneReport:
@@ -67,9 +65,18 @@ class CheckpointManager:
             ``keep_best_n`` keeps that many best.
         retention: a ready :class:`RetentionPolicy` instead of the options.
         on_busy: what a non-blocking save does while the previous one is still
-            writing: ``"wait"`` (default) or ``"skip"``.
+            writing (see :mod:`ckptmgr.pipeline`): ``"newest"`` (default) copies
+            into a second set of host buffers and is written next, replacing
+            a pending save that has not started (newest wins), so saving never
+            waits on the writer, at the cost of up to twice the state in host
+            memory; ``"wait"`` waits for the previous write; ``"skip"`` drops
+            the save. Replaced and skipped saves are logged and counted in the
+            next manifest's ``stats``.
         sweep_grace_s: leftovers of interrupted writes older than this (and
             older than the newest manifest) are removed when pruning.
+        checksum: ``"crc32c"`` (default: a CRC32C per 16 MiB chunk, cheap) or
+            ``"sha256"`` (also a cryptographic digest of each archive); see
+            :mod:`ckptmgr.io.checksums`. Reading verifies whatever was recorded.
 
     The first save claims the directory's writer lease (see
     :mod:`ckptmgr.io.lease`); a writer that claimed it before is fenced.
@@ -87,8 +94,9 @@ class CheckpointManager:
         keep_best_n: int = 1,
         keep_within: timedelta | str | None = None,
         retention: RetentionPolicy | None = None,
-        on_busy: BusyPolicy = "wait",
+        on_busy: BusyPolicy = "newest",
         sweep_grace_s: float = 3600.0,
+        checksum: Algorithm = "crc32c",
     ):
         self.storage = Storage(os.fspath(directory), storage_options)
         if retention is None:
@@ -101,20 +109,14 @@ class CheckpointManager:
                 keep_within=keep_within,
             )
         self.retention = retention
-        if on_busy not in ("wait", "skip"):
-            raise ConfigError(
-                f"Invalid on_busy: Received: on_busy={on_busy!r}. Use 'wait' or 'skip'."
-            )
-        self.on_busy = on_busy
+        self.on_busy = check_policy(on_busy)
         self.sweep_grace_s = check_grace(sweep_grace_s)
         self.lease = WriterLease(self.storage)
         self._verifier = Verifier(self.storage, self._read_manifest)
-        self._committer = Committer(self.storage, self.lease, self._read_manifest)
+        self._committer = Committer(self.storage, self.lease, self._read_manifest, checksum)
         self._history = History(self.storage, self.lease)
         self._plan = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._in_flight: Future | None = None
-        self._lock = threading.Lock()
+        self._pipeline = SavePipeline(on_busy, buffer_sets=2 if on_busy == "newest" else 1)
 
     @property
     def directory(self) -> str:
@@ -211,67 +213,60 @@ class CheckpointManager:
 
         Blocking saves return the committed :class:`Manifest`. Non-blocking
         saves return once state is on the host (a :class:`Future` of the
-        manifest), or ``None`` when skipped because the previous save is still
-        writing and ``on_busy="skip"``.
+        manifest; ``None`` in it when a newer save replaced this one before it
+        was written), or ``None`` when skipped (``on_busy="skip"``). A blocking
+        save (the emergency one) is never replaced; it replaces a pending one.
         """
         step = _check_step(step)
         metrics, extra = _check_metadata(metrics, extra)
-        if not self._wait_for_previous(may_skip=not blocking):
-            return None
         started = time.perf_counter()
-        snapshot = self._capture(model)
+        ticket = self._pipeline.admit(step, may_drop=not blocking)
+        if ticket is None:
+            return None
+        try:
+            snapshot = self._capture(model, ticket.buffer_set)
+        except BaseException:
+            self._pipeline.cancel(ticket)
+            raise
         blocked_s = time.perf_counter() - started
         args = dict(metrics=metrics, extra=extra, loop=loop, pin=pin, blocked_s=blocked_s)
-        if blocking:
-            return self.write_snapshot(step, snapshot, **args)
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckptmgr-writer")
-            self._in_flight = self._executor.submit(self.write_snapshot, step, snapshot, **args)
-            return self._in_flight
+        future = self._pipeline.submit(
+            step, lambda: self._write_counted(step, snapshot, args),
+            ticket=ticket, sticky=blocking, report=not blocking,
+        )
+        return future.result() if blocking else future
 
-    def _capture(self, model) -> ModelSnapshot:
+    def _capture(self, model, buffer_set: int | None = None) -> ModelSnapshot | None:
+        """Copy state into ``buffer_set``; without one (``prepare``), allocate
+        every set the ``on_busy`` policy uses, so no save pays page faults."""
         from ckptmgr.state import plan_for
 
         self._plan = plan_for(model, self._plan)
-        return self._plan.capture(reuse_buffers=True)
+        if buffer_set is None:
+            self._plan.warm(self._pipeline.buffer_sets)
+            return None
+        return self._plan.capture(reuse_buffers=True, buffer_set=buffer_set)
 
-    def _wait_for_previous(self, may_skip: bool = True) -> bool:
-        """Only one save in flight: wait for it (or skip), per ``on_busy``."""
-        pending = self._in_flight
-        if pending is None or pending.done():
-            self._raise_if_failed(pending)
-            return True
-        if self.on_busy == "skip" and may_skip:
-            log.warning("previous save still writing; skipping this save (on_busy='skip')")
-            return False
-        log.info("previous save still writing; waiting (on_busy='wait')")
-        self.wait_until_finished()
-        return True
-
-    def _raise_if_failed(self, future: Future | None) -> None:
-        if future is not None and future.done() and future.exception() is not None:
-            self._in_flight = None
-            raise future.exception()
+    def _write_counted(self, step: int, snapshot: ModelSnapshot, args: dict[str, Any]) -> Manifest:
+        """The writer thread's job: the manifest also counts the saves replaced
+        or skipped since the previous write."""
+        counts = self._pipeline.take_counts()
+        try:
+            return self.write_snapshot(step, snapshot, counts=counts, **args)
+        except BaseException:
+            self._pipeline.give_back_counts(counts)
+            raise
 
     def wait_until_finished(self) -> Manifest | None:
-        """Block until the in-flight save (if any) has committed; re-raise its error."""
-        pending = self._in_flight
-        if pending is None:
-            return None
-        try:
-            return pending.result()
-        finally:
-            self._in_flight = None
+        """Write every queued save (a pending one too: a final state is never
+        dropped) and wait for the commits; the newest one's manifest, or None
+        if nothing was saved since the last call. Re-raises an earlier
+        failure once."""
+        return self._pipeline.wait_until_finished()
 
     def close(self) -> None:
-        """Finish the in-flight save and stop the writer thread."""
-        try:
-            self.wait_until_finished()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+        """Finish every queued save (the writer thread then ends by itself)."""
+        self.wait_until_finished()
 
     def write_snapshot(
         self,
@@ -285,23 +280,28 @@ class CheckpointManager:
         blocked_s: float = 0.0,
         world: dict[str, Any] | None = None,
         prune: bool = True,
+        counts: dict[str, int] | None = None,
     ) -> Manifest:
         """Stream ``snapshot`` to storage, commit its manifest, then prune.
 
         Runs wherever the snapshot is (worker thread or coordinator); needs no
         TensorFlow. Raises ``WriterFencedError`` once another process claimed
         the directory. Pruning after the commit never makes the save fail.
+        ``counts``: saves replaced or skipped since the previous write, for
+        the manifest's ``stats``.
         """
         manifest, ours = self._committer.write(
             step, snapshot, metrics=metrics, extra=extra, loop=loop, blocked_s=blocked_s, world=world,
+            counts=counts,
         )
         if not ours:  # another writer's checkpoint of this step is kept (logged)
             return manifest
         if pin:  # after the commit: a crashed or lost attempt must not pin another's step
             self.storage.write_pin(step, True)
+        stats = manifest.stats
         log.info(
-            "saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
-            step, manifest.stats.bytes, blocked_s, manifest.stats.write_s, manifest.stats.mb_per_s,
+            "saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s%s",
+            step, stats.bytes, blocked_s, stats.write_s, stats.mb_per_s, _dropped(stats),
         )
         if prune and not self.retention.is_empty():
             self._prune_after_save(step)
@@ -551,6 +551,12 @@ def _check_metadata(metrics, extra) -> tuple[dict[str, float], dict[str, Any]]:
         raise ConfigError(f"Invalid extra: Received: extra={extra!r} ({exc}). "
                           "Use JSON-serializable values (convert arrays with .tolist()).") from None
     return metrics, dict(extra or {})
+
+
+def _dropped(stats) -> str:
+    """", 2 replaced, 1 skipped since the previous save" (empty when none)."""
+    parts = [f"{n} {kind}" for kind, n in (("replaced", stats.replaced), ("skipped", stats.skipped)) if n]
+    return f", {', '.join(parts)} since the previous save" if parts else ""
 
 
 def _short_list(steps: list[int]) -> str:

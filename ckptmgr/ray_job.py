@@ -130,7 +130,7 @@ def _fit_example(cfg: JobConfig, *, multiworker: bool, **callback_args: Any):
     ckpt = cfg.checkpoint
     callback = CheckpointCallback(
         ckpt.directory, storage_options=ckpt.storage_options, save_freq=ckpt.save_freq,
-        on_busy=ckpt.on_busy, **ckpt.retention_options(), **callback_args,
+        mtbf=ckpt.mtbf, on_busy=ckpt.on_busy, **ckpt.retention_options(), **callback_args,
     )
     history = model.fit(
         x, y, batch_size=cfg.training.batch_size, epochs=cfg.training.epochs,

@@ -17,6 +17,7 @@ separately as a small JSON-able :class:`TrainingState`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -155,7 +156,7 @@ class StatePlan:
             group.resolve()
         self._model = model
         self._signature = _variable_signature(model)
-        self._buffers: dict[tuple[int, str], np.ndarray] = {}
+        self._buffers: dict[tuple[int, int, str], np.ndarray] = {}  # (set, group, key)
         self._keras_version = keras.__version__
 
     def is_current(self, model) -> bool:
@@ -167,23 +168,26 @@ class StatePlan:
     def nbytes(self) -> int:
         return sum(_host(v).nbytes for g in self.groups for _, v in g.values)
 
-    def capture(self, *, reuse_buffers: bool = True) -> ModelSnapshot:
+    def capture(self, *, reuse_buffers: bool = True, buffer_set: int = 0) -> ModelSnapshot:
         """Copy all state to host memory: a true snapshot, safe from later steps.
 
         With ``reuse_buffers`` the copy goes into buffers kept from the last
-        capture (no page faults; ~memcpy speed). The caller must not reuse them
-        while an earlier snapshot is still being written.
+        capture into the same ``buffer_set`` (no page faults; ~memcpy speed).
+        The caller must not reuse a set while a snapshot in it is still being
+        written or waits to be; two sets let one be written while the next
+        save copies into the other (see :mod:`ckptmgr.pipeline`), each set
+        costing the size of the state in host memory.
         """
         groups, copies = [], []
         for gi, group in enumerate(self.groups):
             arrays = []
             for key, value in group.current_values():
                 source = _host(value)
-                buf = self._buffers.get((gi, key)) if reuse_buffers else None
+                buf = self._buffers.get((buffer_set, gi, key)) if reuse_buffers else None
                 if buf is None or buf.shape != source.shape or buf.dtype != source.dtype:
                     buf = np.empty(source.shape, source.dtype)
                     if reuse_buffers:
-                        self._buffers[(gi, key)] = buf
+                        self._buffers[(buffer_set, gi, key)] = buf
                 copies.append((buf, source))
                 arrays.append((key, buf))
             groups.append(VarGroup(group.path, dict(group.attrs), arrays))
@@ -199,6 +203,12 @@ class StatePlan:
             groups=groups,
             assets=self.assets.capture(),
         )
+
+    def warm(self, buffer_sets: int = 1) -> None:
+        """Allocate and touch every buffer set now (at train begin), so that no
+        save pays the page faults of fresh memory."""
+        for buffer_set in range(buffer_sets):
+            self.capture(buffer_set=buffer_set)
 
 
 _COPY_THREADS = min(4, os.cpu_count() or 1)
@@ -284,9 +294,15 @@ def model_config_json(model) -> str:
 
 
 def ensure_built_optimizer(model) -> None:
-    """Build the optimizer's slots so its saved state has somewhere to go."""
+    """Build the optimizer's slots as ``fit()`` would (under the model's
+    distribution strategy), so its state has somewhere to go on restore and a
+    plan made at train begin covers it (Keras builds it only at the first step)."""
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and not optimizer.built and model.variables:
+    if optimizer is None or optimizer.built or not model.variables:
+        return
+    strategy = getattr(model, "distribute_strategy", None)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
         optimizer.build(model.trainable_variables)
 
 

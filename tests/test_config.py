@@ -44,7 +44,7 @@ def test_minimal_config_gets_defaults_and_relative_directory_resolves_against_cw
     assert cfg.name == "example"
     assert cfg.checkpoint.save_freq == "epoch"
     assert cfg.checkpoint.keep_best_mode == "min"
-    assert cfg.checkpoint.on_busy == "wait"
+    assert cfg.checkpoint.on_busy == "newest"
     assert cfg.checkpoint.prune_interval_s == 60
     assert cfg.training.hidden == [64, 64]
     assert cfg.training.shuffle is False

@@ -136,11 +136,12 @@ def test_node_removed_then_resume_matches_uninterrupted(cluster, tmp_path):
     _kill_coordinator(directory)
 
 
-def test_sigterm_on_a_worker_commits_an_emergency_checkpoint(cluster, tmp_path):
+@pytest.mark.parametrize("on_busy", ["wait", "newest"])
+def test_sigterm_on_a_worker_commits_an_emergency_checkpoint(cluster, tmp_path, on_busy):
     from ray.util.state import list_actors
 
     directory = str(tmp_path / "run")
-    cfg = _cfg(directory, "training.epochs=40", "checkpoint.save_freq=40")
+    cfg = _cfg(directory, "training.epochs=40", "checkpoint.save_freq=40", f"checkpoint.on_busy={on_busy}")
     thread, outcome = _start_job(cfg)
     manager = CheckpointManager(directory)
     deadline = time.monotonic() + 120
@@ -375,3 +376,135 @@ def test_fallback_on_ray_moves_the_abandoned_step_aside(cluster, tmp_path):
     assert [s.step for s in manager.superseded()] == [32]
     assert manager.latest_step() == 32 and all(r.ok for r in manager.verify())
     _kill_coordinator(directory)
+
+
+# -- on_busy="newest": the coordinator decides, every rank agrees -----------------------
+
+
+def _gated_coordinator(options: CoordinatorOptions, gate: Path):
+    """The run's coordinator, whose archive writes wait until ``gate`` exists
+    (the real write follows), so "step N is still writing" is deterministic."""
+    from contextlib import contextmanager
+
+    from ckptmgr.coordinator import NAMESPACE, Coordinator, coordinator_name
+
+    class GatedCoordinator(Coordinator):
+        def __init__(self, options, gate):
+            super().__init__(options)
+            self._started: list[int] = []
+            storage = self.manager.storage
+            real = storage.open_archive_writer
+
+            @contextmanager
+            def gated(name, *args, **kwargs):
+                self._started.append(int(name[len("ckpt-"):].split("-")[0]))
+                deadline = time.monotonic() + 60
+                while not os.path.exists(gate) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                with real(name, *args, **kwargs) as writer:
+                    yield writer
+
+            storage.open_archive_writer = gated
+
+        def started(self) -> list[int]:
+            return list(self._started)
+
+    return ray.remote(num_cpus=0, max_concurrency=32)(GatedCoordinator).options(
+        name=coordinator_name(options.directory), namespace=NAMESPACE, lifetime="detached",
+    ).remote(options, str(gate))
+
+
+def _commit_order(directory: str) -> list[int]:
+    """Committed steps in the order their manifests were written."""
+    return [m.step for m in sorted(CheckpointManager(directory).manifests(), key=lambda m: m.created)]
+
+
+def _wait_until(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_newest_complete_step_wins_and_every_rank_gets_the_same_outcome(cluster, tmp_path):
+    directory = str(tmp_path / "run")
+    options = CoordinatorOptions(directory, world_size=2)
+    assert options.on_busy == "newest"  # the default
+    gate = tmp_path / "gate"
+    coord = _gated_coordinator(options, gate)
+    try:
+        def complete(step: int, fill: float, **extra) -> None:
+            snap = _snapshot(0.01, fill)
+            digest = snapshot_digest(snap)
+            ray.get([coord.submit_part.remote(step, 0, digest, [ray.put(snap)], 0.01, {}, extra),
+                     coord.submit_part.remote(step, 1, digest, [], 0.01, {}, extra)])
+
+        complete(1, 1.0)
+        _wait_until(lambda: ray.get(coord.started.remote()) == [1])
+        for step in (2, 3, 4):  # complete while step 1 writes: each replaces the pending one
+            complete(step, float(step))
+        complete(5, 5.0, emergency=True)  # replaces 4; never replaced itself
+        complete(6, 6.0)  # queued behind the emergency step
+        outcomes = {s: ray.get([coord.wait_step.remote(s, 60) for _ in range(2)]) for s in (2, 3, 4)}
+        gate.touch()
+        outcomes.update({s: ray.get([coord.wait_step.remote(s, 60) for _ in range(2)]) for s in (1, 5, 6)})
+    finally:
+        gate.touch()
+    for step, (rank0, rank1) in outcomes.items():
+        assert rank0 == rank1, step  # one decision, in one place
+    assert [outcomes[s][0] for s in (2, 3, 4)] == [
+        {"replaced": True, "step": 2, "by": 3}, {"replaced": True, "step": 3, "by": 4},
+        {"replaced": True, "step": 4, "by": 5}]
+    assert all(outcomes[s][0]["manifest"]["step"] == s for s in (1, 5, 6))
+    assert ray.get(coord.started.remote()) == [1, 5, 6]
+    assert _commit_order(directory) == [1, 5, 6]  # never an older step after a newer one
+    manager = CheckpointManager(directory)
+    assert [manager.manifest(s).stats.replaced for s in (1, 5, 6)] == [0, 3, 0]
+    assert manager.manifest(5).extra == {"emergency": True}
+    assert ray.get(coord.dropped_saves.remote()) == {"replaced": 3, "skipped": 0}
+    assert all(r.ok for r in manager.verify())
+    ray.kill(coord)
+
+
+def test_workers_never_wait_for_a_commit_and_agree_on_replaced_steps(cluster, tmp_path):
+    """Two ranks' clients (in this process) save while the coordinator's write
+    of step 1 is held: their saves return after the copy and hand-over only."""
+    import keras
+
+    from ckptmgr.distributed import CoordinatorClient
+
+    directory = str(tmp_path / "run")
+    options = CoordinatorOptions(directory, world_size=2)
+    gate = tmp_path / "gate"
+    coord = _gated_coordinator(options, gate)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    clients = [CoordinatorClient(options, rank) for rank in (0, 1)]
+    futures: dict[int, list] = {}
+    try:
+        for client in clients:
+            client.prepare(model)
+        for step in (1, 2, 3, 4):
+            model.layers[0].kernel.assign(np.full((8, 16), float(step), "float32"))
+            futures[step] = [client.save(step, model) for client in clients]  # gate closed
+            if step == 1:
+                _wait_until(lambda: ray.get(coord.started.remote()) == [1])
+        # Steps 2 and 3 are settled (replaced) while step 1 is still held.
+        replaced = {s: [f.result(timeout=30) for f in futures[s]] for s in (2, 3)}
+        assert not futures[1][0].done() and not futures[4][0].done()
+        gate.touch()
+        finals = [client.wait_until_finished(timeout_s=60) for client in clients]
+    finally:
+        gate.touch()
+    assert replaced == {2: [{"replaced": True, "step": 2, "by": 3}] * 2,
+                        3: [{"replaced": True, "step": 3, "by": 4}] * 2}
+    assert [f["manifest"]["step"] for f in finals] == [4, 4]
+    assert [f.result()["manifest"]["step"] for f in futures[1]] == [1, 1]
+    assert _commit_order(directory) == [1, 4]
+    manager = CheckpointManager(directory)
+    stored = keras.saving.load_model(manager.local_archive_path(4), compile=False)
+    np.testing.assert_array_equal(stored.layers[0].kernel.numpy(), np.full((8, 16), 4.0, "float32"))
+    assert manager.manifest(4).stats.replaced == 2
+    for client in clients:
+        client.close()
+    ray.kill(coord)

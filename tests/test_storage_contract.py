@@ -17,6 +17,9 @@ import pickle
 import fsspec
 import pytest
 
+import google_crc32c
+
+import ckptmgr.io.checksums as checksums_mod
 import ckptmgr.io.storage as storage_mod
 from ckptmgr.errors import (
     CheckpointExistsError,
@@ -234,15 +237,22 @@ def test_exception_in_writer_leaves_nothing(request, backend, s):
     assert b"".join(s.iter_archive_chunks(A(2))) == b"second try"
 
 
-def test_writer_reports_sha256_and_size_of_stored_bytes(backend, s):
+@pytest.mark.parametrize("algorithm", ["crc32c", "sha256"])
+def test_writer_reports_checksums_and_size_of_stored_bytes(monkeypatch, backend, s, algorithm):
+    monkeypatch.setattr(checksums_mod, "CHUNK_BYTES", 32 * 1024)  # several chunks, a short last one
     pieces = [b"PK\x03\x04", bytearray(os.urandom(70_001)), memoryview(os.urandom(3)), b""]
-    with s.open_archive_writer(A(1)) as w:
+    with s.open_archive_writer(A(1), algorithm) as w:
         for piece in pieces:
             assert w.write(piece) == len(piece)
         assert w.tell() == sum(len(p) for p in pieces)
     stored = _cat(backend, _path(s, A(1)))
     assert w.bytes_written == len(stored) == sum(len(p) for p in pieces)
-    assert w.hexdigest() == hashlib.sha256(stored).hexdigest()
+    crcs, sha256 = w.result()
+    step = w.chunk_bytes
+    assert step == 32 * 1024
+    assert crcs == [f"{google_crc32c.value(stored[i:i + step]):08x}" for i in range(0, len(stored), step)]
+    assert len(crcs) == 3
+    assert sha256 == (hashlib.sha256(stored).hexdigest() if algorithm == "sha256" else None)
     assert not w.seekable() and w.writable()
 
 
@@ -259,7 +269,7 @@ def test_large_archive_in_many_writes(monkeypatch, backend, s):
             sha.update(chunk)
     size = 10 * len(piece)
     assert w.bytes_written == size
-    assert w.hexdigest() == sha.hexdigest()
+    assert len(w.result()[0]) == -(-size // w.chunk_bytes)
     s.write_manifest(40, b"{}")
 
     assert s.committed_steps() == [40]

@@ -71,7 +71,7 @@ def test_fit_with_a_diverging_loss_keeps_checkpointing(tmp_path):
     y = np.full((64, 1), -1e30, "float32")
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.SGD(1e10), loss="mse")
-    callback = CheckpointCallback(tmp_path / "run", save_freq=2, keep_last=2)
+    callback = CheckpointCallback(tmp_path / "run", save_freq=2, keep_last=2, on_busy="wait")
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
     assert not all(math.isfinite(v) for v in history.history["loss"])  # it did diverge
     mgr = CheckpointManager(tmp_path / "run")

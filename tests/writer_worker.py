@@ -4,7 +4,7 @@ Usage: python writer_worker.py URL OPTIONS_JSON STEPS_JSON [PAUSE_S] [KEEP_LAST]
 
 Writes numpy-only snapshots (no TensorFlow, so it starts fast) of the given
 steps through ``CheckpointManager.write_snapshot``, pausing between saves, and
-prints one JSON line per save: ``{"step", "attempt", "sha256", "mine"}``
+prints one JSON line per save: ``{"step", "attempt", "crc32c", "mine"}``
 (``mine`` is false when another writer had committed the step). Exits 3 with
 ``FENCED <message>`` on stdout when fenced, 1 on any other error.
 """
@@ -44,7 +44,7 @@ def main() -> int:
             print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
             return 1
         mine = m.writer is not None and m.writer.token == manager.lease.held.token
-        print(json.dumps({"step": step, "attempt": m.attempt, "sha256": m.archive_entry.sha256,
+        print(json.dumps({"step": step, "attempt": m.attempt, "crc32c": m.archive_entry.crc32c,
                           "mine": mine}), flush=True)
         time.sleep(pause)
     return 0

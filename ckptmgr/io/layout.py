@@ -112,6 +112,16 @@ def parse_superseded_name(name: str) -> tuple[int, str] | None:
     return (step, tag) if superseded_name(step, tag) == f"{SUPERSEDED_DIR}/{name}" else None
 
 
+def range_part_name(archive: str, index: int) -> str:
+    """Range ``index`` of ``archive`` written by one of several writers (object stores)."""
+    return f"{TMP_DIR}/{archive}.part{index:05d}"
+
+
+def assembling_name(archive: str) -> str:
+    """The preallocated file several local writers fill before it becomes ``archive``."""
+    return f"{TMP_DIR}/{archive}.assembling"
+
+
 def is_archive_of(name: str, step: int, attempt: str | None) -> bool:
     """True if ``name`` is the archive a manifest of ``step``/``attempt`` may name."""
     return name == archive_name(step, attempt)

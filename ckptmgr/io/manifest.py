@@ -13,8 +13,13 @@ Schema 2 (this version) adds:
 - non-finite metrics stored losslessly as the strings ``"NaN"``,
   ``"Infinity"`` and ``"-Infinity"``.
 
-Schema-1 manifests still read: no checksum is required of them, ``null``
-metrics (how schema 1 wrote NaN) read as NaN, naive timestamps as UTC.
+Schema 3 records a CRC32C per 16 MiB chunk of the archive (``files[..].crc32c``,
+``chunk_bytes``) instead of a whole-archive sha256, which is kept only on
+request (``checksum="sha256"``); see ``ckptmgr.io.checksums``.
+
+Schema-1 and schema-2 manifests still read and verify (by sha256). Of schema-1
+ones no checksum is required; their ``null`` metrics (how schema 1 wrote NaN)
+read as NaN, naive timestamps as UTC.
 """
 
 from __future__ import annotations
@@ -34,16 +39,62 @@ from ckptmgr.io.layout import is_archive_of
 log = logging.getLogger("ckptmgr")
 _reported_naive: set[str] = set()
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_MANIFEST_BYTES = 1024 * 1024  # ours are a few KB; never read more than this
 
 
 class FileEntry(BaseModel):
-    """Size and sha256 of one stored file, as the writer streamed it."""
+    """Size and checksums of one stored file, as the writer streamed it.
+
+    ``crc32c``: the CRC32C of each ``chunk_bytes`` piece of the file (schema
+    3); ``sha256``: of the whole file (schemas 1-2, and schema 3 with
+    ``checksum="sha256"``). At least one is there; every one there is checked.
+    """
 
     model_config = ConfigDict(extra="forbid")
     bytes: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    crc32c: list[str] | None = None
+    chunk_bytes: int | None = Field(default=None, ge=1)
+
+    @field_validator("crc32c")
+    @classmethod
+    def _hex_crcs(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not all(_is_crc_hex(c) for c in value):
+            raise ValueError("crc32c entries must be 8 lowercase hex digits")
+        return value
+
+    @model_validator(mode="after")
+    def _has_a_checksum(self) -> "FileEntry":
+        if self.crc32c is None and self.sha256 is None:
+            raise ValueError("no checksum (crc32c or sha256)")
+        if self.crc32c is not None:
+            if self.chunk_bytes is None:
+                raise ValueError("crc32c without chunk_bytes")
+            if len(self.crc32c) != -(-self.bytes // self.chunk_bytes):
+                raise ValueError(f"{len(self.crc32c)} crc32c chunks for {self.bytes} bytes")
+        return self
+
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        """[start, end) of chunk ``index`` in the file."""
+        start = index * (self.chunk_bytes or 0)
+        return start, min(start + (self.chunk_bytes or 0), self.bytes)
+
+
+def _is_crc_hex(text: str) -> bool:
+    return len(text) == 8 and all(c in "0123456789abcdef" for c in text)
+
+
+class SaveCadence(BaseModel):
+    """``save_freq="auto"``: the interval chosen at this save, why, and the
+    saving rank's measurements (see :mod:`ckptmgr.cadence`)."""
+
+    model_config = ConfigDict(extra="allow")
+    interval_steps: int = Field(ge=1)
+    reason: str = ""
+    step_s: float = Field(0.0, ge=0)  # median wall time per step
+    slowdown: float = Field(0.0, ge=0)  # steps overlapping a write: this much slower
+    mtbf_s: float = Field(0.0, ge=0)  # the job's MTBF the rule used
 
 
 class LoopState(BaseModel):
@@ -51,6 +102,7 @@ class LoopState(BaseModel):
 
     ``epoch``/``batch`` say where the save happened (0-based epoch, batches done
     in it); ``next_epoch``/``next_batch`` say where training continues.
+    ``cadence``: with ``save_freq="auto"`` only (absent in older manifests).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -59,16 +111,24 @@ class LoopState(BaseModel):
     next_epoch: int = 0
     next_batch: int = 0
     training: dict[str, Any] = Field(default_factory=dict)  # RNG and metric state
+    cadence: SaveCadence | None = None
 
 
 class SaveStats(BaseModel):
-    """How the save went; also logged and exported as metrics."""
+    """How the save went; also logged and exported as metrics.
+
+    ``replaced``/``skipped``: saves dropped since the writer's previous
+    checkpoint because the writer was busy (``on_busy="newest"``/``"skip"``);
+    0 in manifests written before these fields existed.
+    """
 
     model_config = ConfigDict(extra="allow")
     bytes: int = 0
     blocked_s: float = 0.0
     write_s: float = 0.0
     mb_per_s: float = 0.0
+    replaced: int = Field(0, ge=0)
+    skipped: int = Field(0, ge=0)
 
 
 class WriterInfo(BaseModel):

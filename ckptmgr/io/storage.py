@@ -43,16 +43,17 @@ from ckptmgr.errors import (  # noqa: E402
 )
 from ckptmgr.io import layout  # noqa: E402
 from ckptmgr.io.backend_errors import translated  # noqa: E402
-from ckptmgr.io.checksums import CHUNK_BYTES, HashingWriter  # noqa: E402
+from ckptmgr.io.checksums import CHUNK_BYTES, Algorithm, HashingWriter  # noqa: E402
 from ckptmgr.io.localfs import RootEntry, atomic_create, fsync_dir, local_entries, open_regular  # noqa: E402
 from ckptmgr.io.manifest import MAX_MANIFEST_BYTES  # noqa: E402
+from ckptmgr.io.parts import ParallelParts  # noqa: E402
 from ckptmgr.io.urls import check_url, parse_storage_options  # noqa: E402,F401 - re-exported
 
 log = logging.getLogger("ckptmgr")
 _reported: set[tuple[str, str]] = set()  # (root, name) already warned about
 
 
-class Storage:
+class Storage(ParallelParts):
     """One checkpoint directory on one fsspec backend.
 
     Built from ``(url, storage_options)`` inside each process; never pickle the
@@ -197,23 +198,24 @@ class Storage:
 
     # -- writing -------------------------------------------------------------
     @contextmanager
-    def open_archive_writer(self, name: str) -> Iterator[HashingWriter]:
+    def open_archive_writer(self, name: str, algorithm: Algorithm = "crc32c") -> Iterator[HashingWriter]:
         """Stream a new archive; it appears under ``name`` (never taken) on exit.
 
-        On error nothing is left that a reader would list.
+        On error nothing is left that a reader would list. ``algorithm``: see
+        :mod:`ckptmgr.io.checksums`.
         """
         final = self._path(name)
         with self._translate(f"writing {name}"):
             if self.is_local:
-                yield from self._write_local(final)
+                yield from self._write_local(final, algorithm)
             else:
-                yield from self._write_remote(final)
+                yield from self._write_remote(final, algorithm)
 
-    def _write_local(self, final: str) -> Iterator[HashingWriter]:
+    def _write_local(self, final: str, algorithm: Algorithm) -> Iterator[HashingWriter]:
         tmp = f"{self._local_tmp_dir()}/{os.path.basename(final)}.{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb", buffering=0) as raw:
-                writer = HashingWriter(raw)
+                writer = HashingWriter(raw, algorithm)
                 yield writer
                 faults.crash_point("archive_before_fsync")
                 os.fsync(raw.fileno())
@@ -223,14 +225,14 @@ class Storage:
             if os.path.lexists(tmp):
                 os.remove(tmp)
 
-    def _write_remote(self, final: str) -> Iterator[HashingWriter]:
+    def _write_remote(self, final: str, algorithm: Algorithm) -> Iterator[HashingWriter]:
         if self._bucket() is None:
             self.fs.makedirs(self.root, exist_ok=True)
         else:
             self._require_bucket()  # never create a bucket by accident
         raw = self.fs.open(final, "wb", block_size=CHUNK_BYTES * 4)
         try:
-            writer = HashingWriter(raw)
+            writer = HashingWriter(raw, algorithm)
             yield writer
         except BaseException:
             _discard_upload(raw)
