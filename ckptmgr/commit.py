@@ -47,12 +47,12 @@ class Committer:
 
         Raises ``WriterFencedError`` once another process claimed the directory.
         """
-        def stream(name: str) -> FileEntry:
+        def stream(name: str) -> tuple[FileEntry, dict]:
             with self._storage.open_archive_writer(name, self._algorithm) as writer:
                 write_keras_archive(writer, snapshot, scratch_dir=self._storage.scratch_dir())
             crcs, sha256 = writer.result()
             return FileEntry(bytes=writer.bytes_written, crc32c=crcs, chunk_bytes=writer.chunk_bytes,
-                             sha256=sha256)
+                             sha256=sha256), {}
 
         return self._write(step, stream, _keras_version(snapshot), **meta)
 
@@ -69,12 +69,13 @@ class Committer:
         if kind is None or self._algorithm != "crc32c":
             raise ValueError(f"{self._storage.url}: no ranged writes here (backend or checksum={self._algorithm!r})")
 
-        def stream(name: str) -> FileEntry:
+        def stream(name: str) -> tuple[FileEntry, dict]:
             chunk = checksums.CHUNK_BYTES
             with planned_archive(spec) as plan:
                 ranges = split_ranges(plan, writers, align=chunk, min_bytes=MIN_PART_BYTES[kind])
                 fingerprint = plan.fingerprint()
-                assignments = [RangeAssignment(step, name, i, a, b, fingerprint, chunk)
+                assignments = [RangeAssignment(step, name, i, a, b, fingerprint, chunk, spec.config_json,
+                                               spec.metadata_json, dict(spec.assets))
                                for i, (a, b) in enumerate(ranges)]
                 self._storage.begin_parallel(name, plan.total)
                 try:
@@ -82,14 +83,14 @@ class Committer:
                 except BaseException:
                     self._storage.abandon_parallel(name, len(ranges))
                     raise
-            return FileEntry(bytes=size, crc32c=crcs, chunk_bytes=chunk)
+            return FileEntry(bytes=size, crc32c=crcs, chunk_bytes=chunk), {"ranges": len(ranges)}
 
         return self._write(step, stream, _keras_version(spec), **meta)
 
     def _write(
         self,
         step: int,
-        stream: Callable[[str], FileEntry],
+        stream: Callable[[str], tuple[FileEntry, dict]],
         keras_version: str,
         *,
         metrics: dict[str, float] | None = None,
@@ -101,6 +102,8 @@ class Committer:
     ) -> tuple[Manifest, bool]:
         """Claim, stream the archive under a fresh attempt name, commit the manifest.
 
+        ``stream(name)`` writes the archive: (its file entry, facts for ``world``).
+
         ``counts``: saves replaced or skipped since the previous write (stats).
         """
         lease = self._lease.ensure(f"saving step {step}")
@@ -110,7 +113,7 @@ class Committer:
         started = time.perf_counter()
         attempt = new_attempt_id()
         name = archive_name(step, attempt)
-        entry = stream(name)
+        entry, written_by = stream(name)
         write_s = time.perf_counter() - started
         size = entry.bytes
         manifest = Manifest(
@@ -131,7 +134,7 @@ class Committer:
                 mb_per_s=round(size / 1e6 / write_s, 3) if write_s > 0 else 0.0,
                 **(counts or {}),
             ),
-            world=dict(world or {}),
+            world={**(world or {}), **written_by},
         ).sealed()
         faults.crash_point("before_manifest")
         self._lease.check(f"committing step {step}")

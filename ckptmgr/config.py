@@ -54,6 +54,7 @@ class CheckpointConfig(_Section):
     keep_within: str | None = None
     on_busy: Literal["newest", "wait", "skip"] = "newest"  # see ckptmgr.pipeline
     prune_interval_s: float = Field(60.0, gt=0)
+    checksum: Literal["crc32c", "sha256"] = "crc32c"  # see ckptmgr.io.checksums
 
     @field_validator("directory")
     @classmethod
@@ -142,6 +143,9 @@ class RayConfig(_Section):
     use_gpu: bool = False
     grace_period_s: float = Field(25.0, ge=0)
     save_timeout_s: float = Field(120.0, gt=0)
+    # Ranks write byte ranges of each archive (ckptmgr.ranged_write): "auto" on
+    # gs:// and s3://; true also for a local path every node shares.
+    parallel_write: Literal["auto"] | bool = "auto"
 
 
 class JobConfig(_Section):

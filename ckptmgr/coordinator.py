@@ -38,7 +38,9 @@ from typing import Any
 from ckptmgr.errors import DistributedSaveError
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState
+from ckptmgr.io.parts import parallel_kind_of
 from ckptmgr.pipeline import SavePipeline
+from ckptmgr.ranged_write import RangeAssignment, RangeResult, RangeRounds
 
 log = logging.getLogger("ckptmgr")
 
@@ -64,6 +66,22 @@ class CoordinatorOptions:
     on_busy: str = "newest"
     save_timeout_s: float = 120.0
     prune_interval_s: float = 60.0
+    checksum: str = "crc32c"
+    parallel_write: bool | str = "auto"  # see ranged_writes()
+
+    def ranged_writes(self) -> bool:
+        """Whether the ranks write byte ranges of each archive themselves
+        (:mod:`ckptmgr.ranged_write`) instead of the coordinator writing it all.
+
+        ``"auto"``: on GCS and S3 with 2+ ranks. Local paths only with
+        ``parallel_write=True``: every rank must see the same file system
+        (one node, or NFS/Lustre). Never with ``checksum="sha256"`` (a
+        whole-archive digest cannot be combined from ranges).
+        """
+        if self.world_size < 2 or self.checksum != "crc32c" or self.parallel_write is False:
+            return False
+        kind = parallel_kind_of(self.directory)
+        return kind is not None and (self.parallel_write is True or kind != "pwrite")
 
 
 @dataclass
@@ -79,6 +97,7 @@ class Part:
     extra: dict[str, Any] = field(default_factory=dict)
     loop: dict[str, Any] | None = None
     shard_ref: list = field(default_factory=list)  # [ObjectRef of {path: (start, stop, rows)}]
+    ranged: bool = False  # rank 0 sent a spec; every rank writes its own range
 
 
 class Coordinator:
@@ -90,8 +109,10 @@ class Coordinator:
             options.directory,
             storage_options=options.storage_options,
             on_busy=options.on_busy,  # type: ignore[arg-type]
+            checksum=options.checksum,  # type: ignore[arg-type]
             **options.retention,
         )
+        self._ranges = RangeRounds()
         # Claim the directory now: a coordinator of an earlier run (a zombie
         # after a preemption) is fenced from this moment, not at our first save.
         self.manager.claim()
@@ -111,17 +132,18 @@ class Coordinator:
     def submit_part(self, step: int, rank: int, digest: str, snapshot_ref: list,
                     blocked_s: float, metrics: dict | None = None,
                     extra: dict | None = None, loop: dict | None = None,
-                    shard_ref: list | None = None) -> None:
+                    shard_ref: list | None = None, ranged: bool = False) -> None:
         """Record one rank's part of ``step``; commit when the last one arrives.
 
         ``digest`` covers the replicated state; ``shard_ref`` carries the rows
-        of sharded datasets this rank owns.
+        of sharded datasets this rank owns; ``ranged``: rank 0's ref is a spec
+        (:meth:`ModelSnapshot.spec`) and every rank writes its range.
         """
         part = Part(rank, digest, snapshot_ref, blocked_s, time.monotonic(),
-                    metrics or {}, extra or {}, loop, list(shard_ref or []))
+                    metrics or {}, extra or {}, loop, list(shard_ref or []), ranged)
         with self._lock:
             self._forget_old_outcomes()
-            result = self._results.setdefault(step, Future())
+            result = self._result_of(step)
             if result.done():
                 return  # the step already failed (timeout) or finished
             parts = self._parts.setdefault(step, {})
@@ -165,32 +187,63 @@ class Coordinator:
         counts = self._writer.take_counts()
         try:
             lead = parts[0]
-            snapshot = ray.get(lead.snapshot_ref[0])
-            shards = gather_shards(step, {r: ray.get(p.shard_ref[0]) for r, p in parts.items() if p.shard_ref})
-            if shards:
-                snapshot = with_shards(snapshot, shards)
-            blocked_s = max(p.blocked_s for p in parts.values())
+            snapshot = ray.get(lead.snapshot_ref[0])  # a spec of a few KB when ranged
+            meta = dict(
+                metrics=lead.metrics, extra=lead.extra,
+                loop=LoopState(**lead.loop) if lead.loop else None,
+                blocked_s=max(p.blocked_s for p in parts.values()),
+                world={"world_size": self.options.world_size, "ranks": sorted(parts),
+                       "digest": lead.digest, "ranged": lead.ranged},
+                counts=counts,
+            )
             with self._prune_lock:
-                manifest = self.manager.write_snapshot(
-                    step, snapshot,
-                    metrics=lead.metrics, extra=lead.extra,
-                    loop=LoopState(**lead.loop) if lead.loop else None,
-                    blocked_s=blocked_s,
-                    world={"world_size": self.options.world_size,
-                           "ranks": sorted(parts), "digest": lead.digest},
-                    counts=counts,
-                )
+                if lead.ranged:
+                    dispatch = lambda assignments: self._ranges.dispatch(  # noqa: E731
+                        step, assignments, self.options.save_timeout_s)
+                    manifest = self.manager.write_ranges(step, snapshot, self.options.world_size, dispatch, **meta)
+                else:
+                    shards = gather_shards(step, {r: ray.get(p.shard_ref[0]) for r, p in parts.items() if p.shard_ref})
+                    if shards:
+                        snapshot = with_shards(snapshot, shards)
+                    manifest = self.manager.write_snapshot(step, snapshot, **meta)
         except BaseException:
             self._writer.give_back_counts(counts)
             raise
         self._metrics.record(manifest.stats)
         return {"step": step, "manifest": manifest.model_dump(mode="json")}
 
+    # -- ranged writes (see ckptmgr.ranged_write) --------------------------------
+    def range_for(self, step: int, rank: int, timeout_s: float) -> RangeAssignment | None:
+        """This rank's byte range of ``step`` once its write starts; None when
+        the step settled otherwise (replaced, skipped, failed) or has no range
+        for this rank."""
+        def settled() -> bool:
+            with self._lock:
+                result = self._results.get(step)
+                return result is not None and result.done()
+
+        return self._ranges.assignment_for(step, rank, timeout_s, settled)
+
+    def range_done(self, step: int, rank: int, result: RangeResult) -> None:
+        self._ranges.done(step, rank, result)
+
+    def range_failed(self, step: int, rank: int, message: str) -> None:
+        self._ranges.failed(step, rank, message)
+
     def wait_step(self, step: int, timeout_s: float | None = None) -> dict:
         """Block until ``step`` is committed (or failed); re-raise its error."""
         with self._lock:
-            result = self._results.setdefault(step, Future())
+            result = self._result_of(step)
         return result.result(timeout=timeout_s)
+
+    def _result_of(self, step: int) -> Future:
+        """The outcome of ``step`` (created on first use; call with the lock held).
+        Settling it wakes ranks waiting for a range of it."""
+        result = self._results.get(step)
+        if result is None:
+            result = self._results[step] = Future()
+            result.add_done_callback(lambda _: self._ranges.wake())
+        return result
 
     def _timeout_loop(self) -> None:
         while not self._stop.wait(0.2):
@@ -421,7 +474,9 @@ def get_or_create(options: CoordinatorOptions):
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor_cls = ray.remote(num_cpus=0, max_concurrency=32, max_restarts=0)(Coordinator)
+    # Each rank may block a thread in wait_step and another in range_for.
+    concurrency = max(32, 4 * options.world_size + 8)
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=concurrency, max_restarts=0)(Coordinator)
     # Prefer the creator's node (the driver, on the head: not a spot worker
     # whose loss would take the emergency checkpoint with it); soft, so a lost
     # head node does not block a new coordinator elsewhere.

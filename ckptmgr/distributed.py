@@ -42,6 +42,7 @@ from ckptmgr.coordinator import (
     snapshot_digest,
 )
 from ckptmgr.errors import ConfigError, DistributedSaveError
+from ckptmgr.ranged_write import write_assigned_range
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState, Manifest
 from ckptmgr.pipeline import SavePipeline
@@ -106,6 +107,9 @@ class CoordinatorClient:
         self._reader = CheckpointManager(options.directory, storage_options=options.storage_options)
         self._plan = None
         self._waits_for_commit = options.on_busy == "wait"
+        # Replica-parallel persistence: this rank writes its own byte range of
+        # every archive (sharded state is gathered and written by the coordinator).
+        self._ranged = options.ranged_writes() and not self.sharded
         # Handovers run one at a time, in order, none dropped ("wait" policy);
         # with two buffer sets the next copy overlaps the previous handover.
         self._handovers = SavePipeline("wait", buffer_sets=1 if self._waits_for_commit else 2,
@@ -215,18 +219,36 @@ class CoordinatorClient:
         return outcome
 
     def _hand_over(self, step: int, snapshot, blocked_s: float, meta: dict, outcome: Future) -> None:
-        """Digest, put (rank 0) and submit this rank's part; the snapshot's
-        buffers are free once this returns. ``outcome`` settles at the commit."""
+        """Digest, put (rank 0: the snapshot, or only its spec when ranks write
+        ranges) and submit this rank's part; when ranged, write this rank's
+        range once the coordinator hands it out. The snapshot's buffers are
+        free once this returns. ``outcome`` settles at the commit."""
         import ray
 
         digest = snapshot_digest(snapshot, exclude=self.sharded)
-        refs = [ray.put(snapshot)] if self.rank == 0 else []
+        refs = [ray.put(snapshot.spec() if self._ranged else snapshot)] if self.rank == 0 else []
         shard_ref = [ray.put(self._owned_rows(snapshot))] if self.sharded else []
         self._call("submit_part", step, self.rank, digest, refs, blocked_s,
-                   meta["metrics"], meta["extra"], meta["loop"], shard_ref)
+                   meta["metrics"], meta["extra"], meta["loop"], shard_ref, self._ranged)
         timeout = self.options.save_timeout_s + 600.0
         ref = self._actor().wait_step.remote(step, timeout)
         ref.future().add_done_callback(lambda done: self._settle(step, blocked_s, done, outcome))
+        if self._ranged:
+            self._write_my_range(step, snapshot)
+
+    def _write_my_range(self, step: int, snapshot) -> None:
+        """Write this rank's byte range of ``step``'s archive, straight to storage."""
+        wait_s = 2 * self.options.save_timeout_s + 60.0  # the steps queued before ours write first
+        assignment = self._call("range_for", step, self.rank, wait_s)
+        if assignment is None:
+            return  # replaced, skipped or failed (the outcome says), or nothing for this rank
+        try:
+            result = write_assigned_range(self._reader.storage, snapshot, assignment)
+        except Exception as exc:  # noqa: BLE001 - the coordinator fails the step; its outcome says why
+            log.error("rank %d: writing range %d of step %d failed: %s", self.rank, assignment.index, step, exc)
+            self._call("range_failed", step, self.rank, f"{type(exc).__name__}: {exc}"[:500])
+            return
+        self._call("range_done", step, self.rank, result)
 
     def _settle(self, step: int, blocked_s: float, done: Future, outcome: Future) -> None:
         """The coordinator's outcome for ``step`` into ``outcome``, logged."""
@@ -360,7 +382,8 @@ class CoordinatorClient:
 def client_for(directory: str, *, rank: int | None, world_size: int | None,
                storage_options: dict | None, retention: dict[str, Any], on_busy: str,
                save_timeout_s: float = 120.0, prune_interval_s: float = 60.0,
-               grace_period_s: float = 25.0, sharded: Collection[str] = ()) -> CoordinatorClient | None:
+               grace_period_s: float = 25.0, sharded: Collection[str] = (),
+               checksum: str = "crc32c") -> CoordinatorClient | None:
     """A client when this process is a rank of a distributed Ray run, else None.
 
     A rank of a run with several workers always writes through the run's
@@ -386,6 +409,7 @@ def client_for(directory: str, *, rank: int | None, world_size: int | None,
             return None  # one worker: its own manager writes
         actor = _create_coordinator(
             directory, world_size, storage_options, retention, on_busy, save_timeout_s, prune_interval_s,
+            checksum,
         )
     options = ray.get(actor.options_.remote())
     if options.world_size != world_size:
@@ -412,7 +436,7 @@ def _given(retention: dict[str, Any]) -> dict[str, Any]:
 
 def _create_coordinator(directory: str, world_size: int, storage_options: dict | None,
                         retention: dict[str, Any], on_busy: str, save_timeout_s: float,
-                        prune_interval_s: float):
+                        prune_interval_s: float, checksum: str = "crc32c"):
     from ckptmgr.io.storage import Storage
 
     if Storage(directory, storage_options).is_local and not os.path.isabs(directory):
@@ -424,7 +448,7 @@ def _create_coordinator(directory: str, world_size: int, storage_options: dict |
     options = CoordinatorOptions(
         directory, world_size=world_size, storage_options=dict(storage_options or {}),
         retention=_given(retention), on_busy=on_busy, save_timeout_s=save_timeout_s,
-        prune_interval_s=prune_interval_s,
+        prune_interval_s=prune_interval_s, checksum=checksum,
     )
     log.info("no coordinator for %s: creating it (world size %d)", directory, world_size)
     return get_or_create(options)

@@ -101,6 +101,7 @@ def run_local(cfg: JobConfig, *, resume: bool) -> JobResult:
         save_freq=ckpt.save_freq,
         mtbf=ckpt.mtbf,
         on_busy=ckpt.on_busy,
+        checksum=ckpt.checksum,
         **ckpt.retention_options(),
     )
     try:

@@ -63,6 +63,8 @@ class CheckpointCallback(keras.callbacks.Callback):
             preemptible GCP VM runs); divided by the world size when distributed.
         storage_options, keep_last, keep_every_n_steps, keep_within:
             passed to the manager when a directory is given.
+        checksum: ``"crc32c"`` (chunk checksums, default) or ``"sha256"`` (also a
+            whole-archive digest); see :mod:`ckptmgr.io.checksums`.
         on_busy: a save due while the previous one is still writing:
             ``"newest"`` (default) copies into a second set of host buffers
             (2x the state in host memory) and is written next, unless a newer
@@ -120,6 +122,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         mode: Literal["auto", "min", "max"] | None = None,
         save_best_only: bool = False,
         on_busy: Literal["newest", "wait", "skip"] = "newest",
+        checksum: Literal["crc32c", "sha256"] = "crc32c",
         restore: bool = True,
         new_run: bool = False,
         async_save: bool = True,
@@ -142,9 +145,10 @@ class CheckpointCallback(keras.callbacks.Callback):
             directory_or_manager = client_for(
                 os.fspath(directory_or_manager), rank=rank, world_size=world_size,
                 storage_options=storage_options, retention=retention, on_busy=on_busy,
-                grace_period_s=grace_period_s, sharded=sharded_variables,
+                grace_period_s=grace_period_s, sharded=sharded_variables, checksum=checksum,
             ) or CheckpointManager(
-                directory_or_manager, storage_options=storage_options, on_busy=on_busy, **retention
+                directory_or_manager, storage_options=storage_options, on_busy=on_busy,
+                checksum=checksum, **retention
             )
         elif given := received_options(**rules, keep_best=keep_best, keep_best_mode=keep_best_mode,
                                 save_best_only=save_best_only or None):

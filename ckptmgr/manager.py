@@ -12,14 +12,10 @@ from __future__ import annotations
 import logging
 import operator
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 from ckptmgr.commit import Committer
@@ -29,29 +25,23 @@ from ckptmgr.errors import (
     ConfigError,
     CorruptCheckpointError,
 )
-from ckptmgr.history import History, SupersededCheckpoint
+from ckptmgr.exporting import Exporting
+from ckptmgr.history import History
 from ckptmgr.integrity import Progress, Verifier, VerifyResult
 from ckptmgr.io.checksums import Algorithm
-from ckptmgr.io.archive import ModelSnapshot, open_weights, read_json_member, write_weights_only
-from ckptmgr.io.destination import copy_to_destination
+from ckptmgr.io.archive import ModelSnapshot, open_weights, read_json_member
 from ckptmgr.io.layout import manifest_name
 from ckptmgr.io.lease import WriterLease
 from ckptmgr.io.manifest import LoopState, Manifest, now_utc
 from ckptmgr.io.storage import Storage
+from ckptmgr.ranged_write import RangeAssignment, RangeResult
 from ckptmgr.pipeline import BusyPolicy, SavePipeline, check_policy
-from ckptmgr.retention import CheckpointInfo, RetentionDecision, RetentionPolicy, check_grace
+from ckptmgr.pruning import PruneReport, Pruning, short_list  # noqa: F401 - PruneReport re-exported
+from ckptmgr.retention import RetentionPolicy, check_grace
 
 log = logging.getLogger("ckptmgr")
 
-@dataclass(frozen=True)
-class PruneReport:
-    decision: RetentionDecision
-    deleted: tuple[int, ...]
-    dry_run: bool
-    newest: int | None = None  # the newest committed step when pruning began
-
-
-class CheckpointManager:
+class CheckpointManager(Pruning, Exporting):
     """Rolling checkpoints of one training run in one directory (any fsspec URL).
 
     Args:
@@ -113,6 +103,7 @@ class CheckpointManager:
         self.sweep_grace_s = check_grace(sweep_grace_s)
         self.lease = WriterLease(self.storage)
         self._verifier = Verifier(self.storage, self._read_manifest)
+        self.checksum = checksum
         self._committer = Committer(self.storage, self.lease, self._read_manifest, checksum)
         self._history = History(self.storage, self.lease)
         self._plan = None
@@ -185,7 +176,7 @@ class CheckpointManager:
         if not self.storage.is_committed(step):
             raise CheckpointNotFoundError(
                 f"No checkpoint for step {step} under {self.directory}. "
-                f"Available: {_short_list(self.steps())}."
+                f"Available: {short_list(self.steps())}."
             )
         return step
 
@@ -294,14 +285,34 @@ class CheckpointManager:
             step, snapshot, metrics=metrics, extra=extra, loop=loop, blocked_s=blocked_s, world=world,
             counts=counts,
         )
+        return self._after_commit(manifest, ours, pin=pin, prune=prune)
+
+    def write_ranges(self, step: int, spec: ModelSnapshot, writers: int,
+                     dispatch: Callable[[list[RangeAssignment]], list[RangeResult]], *,
+                     pin: bool = False, prune: bool = True, **meta: Any) -> Manifest:
+        """Like :meth:`write_snapshot`, but the archive is written by up to
+        ``writers`` ranks, a byte range each (:mod:`ckptmgr.ranged_write`):
+        ``spec`` lays it out, ``dispatch`` hands the ranges out and returns
+        what each rank wrote. Object stores and local disk only (see
+        :meth:`ranged_writes`); ``meta`` as for :meth:`write_snapshot`."""
+        manifest, ours = self._committer.write_ranges(step, spec, writers, dispatch, **meta)
+        return self._after_commit(manifest, ours, pin=pin, prune=prune)
+
+    def ranged_writes(self) -> bool:
+        """Whether archives here can be written in ranges by several ranks."""
+        return self.storage.parallel_kind() is not None and self.checksum == "crc32c"
+
+    def _after_commit(self, manifest: Manifest, ours: bool, *, pin: bool, prune: bool) -> Manifest:
+        """Pin, log and prune after a commit of ours (another writer's is kept as is)."""
         if not ours:  # another writer's checkpoint of this step is kept (logged)
             return manifest
+        step = manifest.step
         if pin:  # after the commit: a crashed or lost attempt must not pin another's step
             self.storage.write_pin(step, True)
         stats = manifest.stats
         log.info(
             "saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s%s",
-            step, stats.bytes, blocked_s, stats.write_s, stats.mb_per_s, _dropped(stats),
+            step, stats.bytes, stats.blocked_s, stats.write_s, stats.mb_per_s, _dropped(stats),
         )
         if prune and not self.retention.is_empty():
             self._prune_after_save(step)
@@ -397,134 +408,6 @@ class CheckpointManager:
         _, model = self._first_good(step, build, overlap=True)
         return model
 
-    # -- pruning --------------------------------------------------------------------
-    def pin(self, step: int, pinned: bool = True) -> None:
-        """Pinned checkpoints are never pruned."""
-        self.storage.write_pin(self._resolve_step(step), pinned)
-
-    def plan_prune(self, retention: RetentionPolicy | None = None, now: datetime | None = None) -> RetentionDecision:
-        policy = retention or self.retention
-        return policy.decide(self._infos(self.manifests()), now or now_utc())
-
-    def _infos(self, manifests: list[Manifest]) -> list[CheckpointInfo]:
-        pinned = self.storage.pinned_steps()
-        return [CheckpointInfo(m.step, m.created, m.metrics, m.step in pinned) for m in manifests]
-
-    def prune(self, dry_run: bool = False, retention: RetentionPolicy | None = None,
-              protect: Collection[int] = ()) -> PruneReport:
-        """Delete what the retention policy does not keep; never the newest,
-        never a step in ``protect``.
-
-        Deletion removes the manifest first, so a crash mid-prune leaves only an
-        unlisted orphan (swept later), never a listed checkpoint without data.
-        A writer checks its lease before deleting: a fenced one deletes nothing.
-        """
-        steps = self.steps()  # one listing: manifests, newest and sweep all use it
-        manifests = self._read_manifests(steps)
-        decision = (retention or self.retention).decide(self._infos(manifests), now_utc())
-        for warning in decision.warnings:
-            log.warning("%s", warning)
-        newest = steps[-1] if steps else None
-        if dry_run:
-            return PruneReport(decision, (), True, newest)
-        doomed = [s for s in decision.delete if s < newest and s not in protect]  # never the newest
-        archives = self.storage.archives() if doomed else []
-        for step in doomed:
-            self.lease.check(f"pruning step {step}")
-            self.storage.delete(step, archives)
-        if doomed:
-            log.info("pruned steps %s", _short_list(doomed))
-        self._sweep(self.sweep_grace_s, manifests)
-        return PruneReport(decision, tuple(doomed), False, newest)
-
-    # -- one run's history (see ckptmgr.history) ---------------------------------
-    def supersede_after(self, step: int | None, reason: str) -> list[int]:
-        """Move committed steps newer than ``step`` (all, for None) to
-        ``superseded/`` before training writes those steps again; takes the
-        writer lease if not held. Returns the steps moved."""
-        if self.lease.held is None:
-            self.claim()
-        return self._history.supersede_after(step, reason)
-
-    def superseded(self) -> list[SupersededCheckpoint]:
-        """Steps moved aside (never restored; kept until :meth:`delete_superseded`)."""
-        return self._history.list()
-
-    def delete_superseded(self) -> list[SupersededCheckpoint]:
-        """Delete every superseded step and its archive; return them."""
-        live = {m.step: m.archive for m in self.manifests()}
-        return self._history.delete(live)
-
-    def sweep(self, older_than_s: float | None = None) -> list[str]:
-        """Remove leftovers of interrupted writes; return their URLs.
-
-        Only files no manifest claims, older than ``older_than_s`` (default:
-        ``sweep_grace_s``) and older than the newest manifest, so an attempt
-        another writer has in flight survives.
-        """
-        grace = self.sweep_grace_s if older_than_s is None else check_grace(older_than_s, "older_than_s")
-        return self._sweep(grace, self.manifests())
-
-    def _sweep(self, grace: float, manifests: list[Manifest]) -> list[str]:
-        """``manifests`` must have been read before the sweep lists the root."""
-        self.lease.check("sweeping leftovers")
-        claimed = {m.step: m.archive for m in manifests}
-        return self.storage.sweep(grace, claimed, self._history.kept_archives)
-
-    def leftovers(self, older_than_s: float | None = None) -> list[str]:
-        """What :meth:`sweep` would remove now (names relative to the directory)."""
-        grace = self.sweep_grace_s if older_than_s is None else check_grace(older_than_s, "older_than_s")
-        claimed = {m.step: m.archive for m in self.manifests()}
-        return self.storage.orphans(grace, claimed, self._history.kept_archives)
-
-    # -- exporting ----------------------------------------------------------------------
-    def export_weights(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None, overwrite: bool = False, include_optimizer: bool = True) -> str:
-        """Write the ``.weights.h5`` that ``model.save_weights`` writes (optimizer
-        state included unless ``include_optimizer=False``); ``load_weights`` reads it."""
-        if not str(path).endswith(".weights.h5"):
-            raise ConfigError(
-                f"Invalid export path: Received: path={path!r}. Keras requires "
-                "weights files to end with '.weights.h5'."
-            )
-        self._check_destination(path)
-        with self.verified_archive(step, progress=progress) as (_, archive), _local_staging() as tmp:
-            out = os.path.join(tmp, "model.weights.h5")
-            with open(archive, "rb") as f:
-                write_weights_only(f, out, include_optimizer=include_optimizer)
-            return copy_to_destination(out, str(path), storage_options, overwrite=overwrite)
-
-    def export_keras(self, path: str, step: int | None = None, *, storage_options: dict[str, Any] | None = None, progress: Progress | None = None, overwrite: bool = False) -> str:
-        """Copy a verified ``.keras`` archive out of the checkpoint directory."""
-        self._check_destination(path)
-        with self.verified_archive(step, progress=progress) as (_, archive):
-            return copy_to_destination(archive, str(path), storage_options, overwrite=overwrite)
-
-    def export_saved_model(self, path: str, step: int | None = None, *, custom_objects=None, storage_options: dict[str, Any] | None = None, safe_mode: bool = True, progress: Progress | None = None, overwrite: bool = False) -> str:
-        """Export a TensorFlow SavedModel for serving (Keras ``model.export``)."""
-        self._check_destination(path)
-        model = self.load(step, custom_objects, compile=False, safe_mode=safe_mode)
-        with _local_staging() as tmp:
-            out = os.path.join(tmp, "saved_model")
-            model.export(out, format="tf_saved_model", verbose=False)
-            return copy_to_destination(out, str(path), storage_options, overwrite=overwrite)
-
-    def _check_destination(self, path: str) -> None:
-        if self.storage.contains(str(path)):
-            raise ConfigError(
-                f"Invalid export destination: Received: {path!r}, inside the checkpoint "
-                f"directory {self.directory}. Export outside it; checkpoints are never overwritten."
-            )
-
-
-@contextmanager
-def _local_staging() -> Iterator[str]:
-    tmp = tempfile.mkdtemp(prefix="ckptmgr-export-")
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _check_step(step: Any) -> int:
     """An int >= 0 (numpy integers too); bools and floats are refused."""
     try:
@@ -557,10 +440,3 @@ def _dropped(stats) -> str:
     """", 2 replaced, 1 skipped since the previous save" (empty when none)."""
     parts = [f"{n} {kind}" for kind, n in (("replaced", stats.replaced), ("skipped", stats.skipped)) if n]
     return f", {', '.join(parts)} since the previous save" if parts else ""
-
-
-def _short_list(steps: list[int]) -> str:
-    if not steps:
-        return "none"
-    shown = ", ".join(str(s) for s in steps[-10:])
-    return shown if len(steps) <= 10 else f"... {shown}"

@@ -17,7 +17,10 @@ more than the tail. The result is byte-identical to a single writer's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ckptmgr.errors import DistributedSaveError
 from ckptmgr.io.archive_plan import ArchivePlan, planned_archive, write_range
@@ -36,6 +39,15 @@ class RangeAssignment:
     end: int
     fingerprint: str  # of the coordinator's plan; the rank's must be equal
     chunk_bytes: int
+    # Rank 0's small members: another rank's own would differ at least in the
+    # save time in metadata.json (ranks capture a moment apart).
+    config_json: str = ""
+    metadata_json: str = ""
+    assets: dict[str, bytes] = field(default_factory=dict)
+
+    def applied_to(self, snapshot: ModelSnapshot) -> ModelSnapshot:
+        """This rank's arrays with rank 0's small members: the archive planned."""
+        return ModelSnapshot(self.config_json, self.metadata_json, snapshot.groups, dict(self.assets))
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,7 @@ def write_assigned_range(storage, snapshot: ModelSnapshot, assignment: RangeAssi
                          scratch_dir: str | None = None) -> RangeResult:
     """Rank side: plan from our own arrays, check it is the coordinator's plan,
     write our range to storage. Runs in the rank's background thread."""
+    snapshot = assignment.applied_to(snapshot)
     with planned_archive(snapshot, scratch_dir) as plan:
         if plan.fingerprint() != assignment.fingerprint:
             raise DistributedSaveError(
@@ -96,3 +109,78 @@ def assemble(storage, name: str, plan: ArchivePlan, results: list[RangeResult],
     chunks.update(tail)
     storage.finish_parallel(name, len(results), plan.prefix_end, tail)
     return plan.prefix_end + len(tail), chunks.finish()
+
+
+@dataclass
+class _Round:
+    assignments: dict[int, RangeAssignment]
+    results: dict[int, RangeResult] = field(default_factory=dict)
+    failure: tuple[int, str] | None = None
+
+
+class RangeRounds:
+    """Coordinator side: hands each rank its range of a step and collects
+    what they wrote. Range ``i`` goes to rank ``i``; ranks beyond the number
+    of ranges (small archives, S3's 5 MiB minimum part) have nothing to write."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._rounds: dict[int, _Round] = {}
+
+    def dispatch(self, step: int, assignments: list[RangeAssignment], timeout_s: float) -> list[RangeResult]:
+        """Publish ``assignments`` and wait for every result (the writer thread)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            round_ = self._rounds[step] = _Round({a.index: a for a in assignments})
+            self._cond.notify_all()
+            try:
+                while len(round_.results) < len(assignments) and round_.failure is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            finally:
+                del self._rounds[step]
+        if round_.failure is not None:
+            rank, message = round_.failure
+            raise DistributedSaveError(f"step {step}: rank {rank} could not write its range "
+                                       f"({message}); nothing was committed.")
+        missing = sorted(set(round_.assignments) - set(round_.results))
+        if missing:
+            raise DistributedSaveError(
+                f"step {step}: ranks {missing} did not write their ranges within "
+                f"{timeout_s:.0f} s (save_timeout_s); nothing was committed.")
+        return [round_.results[i] for i in sorted(round_.results)]
+
+    def assignment_for(self, step: int, rank: int, timeout_s: float,
+                       settled: Callable[[], bool]) -> RangeAssignment | None:
+        """Rank ``rank``'s range of ``step`` once the coordinator starts writing
+        it; None if the step settled otherwise (replaced, skipped, failed), if
+        this rank has no range, or after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                round_ = self._rounds.get(step)
+                if round_ is not None:
+                    return round_.assignments.get(rank)
+                left = deadline - time.monotonic()
+                if settled() or left <= 0:
+                    return None
+                self._cond.wait(min(left, 1.0))
+
+    def done(self, step: int, rank: int, result: RangeResult) -> None:
+        with self._cond:
+            if step in self._rounds:
+                self._rounds[step].results[rank] = result
+                self._cond.notify_all()
+
+    def failed(self, step: int, rank: int, message: str) -> None:
+        with self._cond:
+            if step in self._rounds and self._rounds[step].failure is None:
+                self._rounds[step].failure = (rank, message)
+                self._cond.notify_all()
+
+    def wake(self) -> None:
+        """A step settled: ranks waiting for its range look again."""
+        with self._cond:
+            self._cond.notify_all()

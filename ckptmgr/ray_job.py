@@ -130,7 +130,8 @@ def _fit_example(cfg: JobConfig, *, multiworker: bool, **callback_args: Any):
     ckpt = cfg.checkpoint
     callback = CheckpointCallback(
         ckpt.directory, storage_options=ckpt.storage_options, save_freq=ckpt.save_freq,
-        mtbf=ckpt.mtbf, on_busy=ckpt.on_busy, **ckpt.retention_options(), **callback_args,
+        mtbf=ckpt.mtbf, on_busy=ckpt.on_busy, checksum=ckpt.checksum, **ckpt.retention_options(),
+        **callback_args,
     )
     history = model.fit(
         x, y, batch_size=cfg.training.batch_size, epochs=cfg.training.epochs,
@@ -156,6 +157,8 @@ def coordinator_options(cfg: JobConfig) -> CoordinatorOptions:
         on_busy=ckpt.on_busy,
         save_timeout_s=cfg.ray.save_timeout_s,
         prune_interval_s=ckpt.prune_interval_s,
+        checksum=ckpt.checksum,
+        parallel_write=cfg.ray.parallel_write,
     )
 
 

@@ -36,6 +36,13 @@ MIN_PART_BYTES = {"pwrite": 1, "compose": 1, "multipart": 5 * 1024 * 1024}
 _COMPOSE_LIMIT = 32  # GCS: sources per compose call
 
 
+def parallel_kind_of(url: str) -> ParallelKind | None:
+    """:meth:`ParallelParts.parallel_kind` from the URL alone (no filesystem)."""
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    return {"file": "pwrite", "local": "pwrite", "gs": "compose", "gcs": "compose",
+            "s3": "multipart", "s3a": "multipart"}.get(scheme)
+
+
 class ParallelParts:
     """Storage methods for archives written in ranges (see the module docstring)."""
 
