@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptmgr.agreement import RestoreVotes
 from ckptmgr.errors import DistributedSaveError
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState
@@ -113,6 +114,8 @@ class Coordinator:
             **options.retention,
         )
         self._ranges = RangeRounds()
+        self._votes = RestoreVotes(options.world_size)
+        self._bad: set[int] = set()  # steps a rank found corrupt: never restored
         # Claim the directory now: a coordinator of an earlier run (a zombie
         # after a preemption) is fenced from this moment, not at our first save.
         self.manager.claim()
@@ -286,13 +289,28 @@ class Coordinator:
         return self.manager.latest_step()
 
     def restore_step(self) -> int | None:
-        """The newest step that verifies (workers then read it themselves)."""
+        """The newest step worth trying: its manifest reads, its archive has
+        the recorded size, and no rank found it corrupt. The archive is not
+        read here: the ranks verify it, a share each (:meth:`restore_vote`)."""
         for step in reversed(self.manager.steps()):
-            result = self.manager.verify(step)[0]
-            if result.ok:
+            if step in self._bad:
+                continue
+            problem = self.manager.quick_check(step)
+            if problem is None:
                 return step
-            log.warning("%s; falling back to an older checkpoint", result.problem)
+            self._bad.add(step)
+            log.warning("%s; falling back to an older checkpoint", problem)
         return None
+
+    def restore_vote(self, step: int, rank: int, problem: str | None, timeout_s: float) -> str | None:
+        """Barrier of a distributed restore: every rank's verdict on its share
+        of ``step``. None if all agree it is good; else the first problem, and
+        the step is never offered again."""
+        verdict = self._votes.vote(step, rank, problem, timeout_s)
+        if verdict is not None and step not in self._bad:
+            self._bad.add(step)
+            log.warning("step %d: %s; falling back to an older checkpoint", step, verdict)
+        return verdict
 
     def supersede_after(self, step: int | None, reason: str) -> list[int]:
         """Move steps newer than ``step`` aside (see :mod:`ckptmgr.history`)."""

@@ -41,7 +41,7 @@ from ckptmgr.coordinator import (
     shard_rows,
     snapshot_digest,
 )
-from ckptmgr.errors import ConfigError, DistributedSaveError
+from ckptmgr.errors import ConfigError, CorruptCheckpointError, DistributedSaveError
 from ckptmgr.ranged_write import write_assigned_range
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState, Manifest
@@ -151,11 +151,27 @@ class CoordinatorClient:
         return self._call("latest_step")
 
     def restore(self, model, step: int | None = None) -> Manifest:
-        """Every rank restores the step the coordinator found to verify."""
-        chosen = step if step is not None else self._call("restore_step")
-        if chosen is None:
-            return self._reader.restore(model)  # raises the clear "none verify" error
-        manifest = self._reader.restore(model, chosen)
+        """Every rank restores the same step: the newest one that all ranks,
+        each verifying a share of its chunks, agree is good (ranged reads in
+        parallel; no process reads the whole archive to verify it)."""
+        rejected: list[int] = []
+        while True:
+            chosen = step if step is not None else self._call("restore_step")
+            if chosen is None:
+                raise CorruptCheckpointError(
+                    f"No checkpoint under {self.directory} verifies (see the warnings above "
+                    "for each step's problem); nothing was restored.")
+            problem = self._reader.verify_share(chosen, self.rank, self.options.world_size)
+            verdict = self._call("restore_vote", chosen, self.rank, problem, self.options.save_timeout_s)
+            if verdict is None:
+                break
+            if step is not None:
+                raise CorruptCheckpointError(f"step {chosen}: {verdict}")
+            rejected.append(chosen)
+        if rejected and self.rank == 0:
+            log.warning("fell back from step %d to step %d, the newest checkpoint every rank "
+                        "verified", rejected[0], chosen)
+        manifest = self._reader.restore(model, chosen, verified=True)
         self._resumed_from = chosen
         return manifest
 

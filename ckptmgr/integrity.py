@@ -32,7 +32,7 @@ from ckptmgr.errors import (
 )
 from ckptmgr.io.archive import check_layout
 from ckptmgr.io.layout import archive_name
-from ckptmgr.io.checksums import ChunkedCrc32c
+from ckptmgr.io.checksums import ChunkedCrc32c, crc32c
 from ckptmgr.io.manifest import FileEntry, Manifest
 from ckptmgr.io.storage import Storage
 
@@ -134,14 +134,69 @@ class Verifier:
         fd, tmp = tempfile.mkstemp(prefix=f"ckptmgr-{manifest.step}-", suffix=".keras")
         try:
             with os.fdopen(fd, "wb") as sink:
-                self._check_archive(manifest, sink=sink, progress=progress)
+                if manifest.archive_entry.crc32c is not None:
+                    self._download_chunks(manifest, sink, progress)
+                else:  # sha256 only (schema 2): one stream
+                    self._check_archive(manifest, sink=sink, progress=progress)
             _check_downloaded_members(tmp, manifest)
             yield manifest, tmp
         finally:
             os.remove(tmp)
 
+    def _download_chunks(self, manifest: Manifest, sink, progress: Progress | None) -> None:
+        """Fetch the archive a few chunks at a time with concurrent ranged reads,
+        checking each chunk's CRC32C before it is written (and the sha256 too,
+        if recorded)."""
+        entry = manifest.archive_entry
+        self.check_size(manifest)
+        check = ArchiveCheck(entry) if entry.sha256 is not None else None
+        for batch in _batches(range(len(entry.crc32c)), _CHUNKS_AT_ONCE):
+            for index, data in zip(batch, self._read_chunks(manifest, batch)):
+                if check is not None:
+                    check.update(data)
+                sink.write(data)
+                if progress is not None:
+                    progress(len(data), entry.bytes)
+        problem = check.problem() if check is not None else None
+        if problem is not None:
+            raise CorruptCheckpointError(f"step {manifest.step}: {manifest.archive} is corrupt ({problem})")
+
+    def _read_chunks(self, manifest: Manifest, indices: list[int]) -> list[bytes]:
+        """Chunks ``indices`` of the archive, each checked against its CRC32C."""
+        entry = manifest.archive_entry
+        datas = self.storage.read_ranges(manifest.archive, [entry.chunk_range(i) for i in indices])
+        for index, data in zip(indices, datas):
+            got = f"{crc32c(data):08x}"
+            if got != entry.crc32c[index] or len(data) != _length(entry.chunk_range(index)):
+                raise CorruptCheckpointError(
+                    f"step {manifest.step}: {manifest.archive} is corrupt ({chunk_problem(entry, index, got)})")
+        return datas
+
+    def verify_share(self, manifest: Manifest, rank: int, world_size: int) -> None:
+        """Check chunks ``rank, rank + world_size, ...`` only: N ranks verify
+        an archive together, each reading 1/N of it. Archives without chunk
+        checksums (schema 2) are checked whole."""
+        if manifest.archive_entry.crc32c is None:
+            self._check_archive(manifest, sink=None)
+            return
+        self.check_size(manifest)
+        for batch in _batches(range(rank, len(manifest.archive_entry.crc32c), world_size), _CHUNKS_AT_ONCE):
+            self._read_chunks(manifest, batch)
+        if self.storage.is_local:
+            self._check_members(manifest)
+
+    def check_size(self, manifest: Manifest) -> None:
+        step, name, entry = manifest.step, manifest.archive, manifest.archive_entry
+        try:
+            size = self.storage.file_size(name)
+        except CheckpointNotFoundError:
+            raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
+        if size != entry.bytes:
+            raise CorruptCheckpointError(
+                f"step {step}: {name} is truncated or altered ({size} bytes, manifest says {entry.bytes})")
+
     def first_good(self, candidates: list[int], use: Callable[[Manifest, str], Any], *,
-                   explicit: bool, overlap: bool = False) -> tuple[Manifest, Any]:
+                   explicit: bool, overlap: bool = False, verify: bool = True) -> tuple[Manifest, Any]:
         """``use(manifest, local_path)`` on the first of ``candidates`` that verifies.
 
         Explicit step (one candidate): that one or an error. Otherwise the newest that verifies;
@@ -153,12 +208,16 @@ class Verifier:
         With ``overlap`` (only for a ``use`` without side effects, like building
         a new model) the checksum runs in a thread while ``use`` reads the same
         local file, about one pass instead of two; the result is returned only
-        once the checksum has matched.
+        once the checksum has matched. ``verify=False``: the caller already
+        verified the (single, explicit) candidate, e.g. the ranks of a
+        distributed restore, a share each: local archives are used as they
+        are (their members still checked); remote ones are downloaded, which
+        checks every chunk anyway.
         """
         problems: list[tuple[int, str]] = []
         for candidate in candidates:
             try:
-                result = self._use_verified(candidate, use, overlap)
+                result = self._use_verified(candidate, use, overlap, verify)
             except CorruptCheckpointError as exc:
                 if explicit:
                     raise
@@ -179,9 +238,13 @@ class Verifier:
             f"No checkpoint under {self.storage.url} verifies: " + "; ".join(p for _, p in problems)
         )
 
-    def _use_verified(self, step: int, use, overlap: bool) -> tuple[Manifest, Any]:
+    def _use_verified(self, step: int, use, overlap: bool, verify: bool = True) -> tuple[Manifest, Any]:
         manifest = self._manifest(step)
         local = self.storage.local_path_of(manifest.archive)
+        if local is not None and not verify:
+            self.check_size(manifest)
+            self._check_members(manifest)
+            return manifest, _incompatible_if_raises(use, manifest, local)
         if local is None or not overlap:  # remote: download while hashing, then use
             with self.verified_archive(manifest) as (_, path):
                 return manifest, _incompatible_if_raises(use, manifest, path)
@@ -234,14 +297,36 @@ class ArchiveCheck:
             got = self._chunks.finish()
             for index, (have, want) in enumerate(zip(got, entry.crc32c)):
                 if have != want:
-                    start, end = entry.chunk_range(index)
-                    return (f"CRC32C of bytes {start}-{end} (chunk {index + 1} of "
-                            f"{len(entry.crc32c)}) is {have}, manifest says {want}")
+                    return chunk_problem(entry, index, have)
             if len(got) != len(entry.crc32c):
                 return f"{len(got)} chunks, manifest says {len(entry.crc32c)}"
         if self._sha is not None and self._sha.hexdigest() != entry.sha256:
             return f"sha256 {self._sha.hexdigest()[:12]}..., manifest says {entry.sha256[:12]}..."
         return None
+
+
+_CHUNKS_AT_ONCE = 4  # concurrent ranged reads (4 x 16 MiB in memory at most)
+
+
+def _batches(items, size: int) -> Iterator[list[int]]:
+    batch: list[int] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _length(bounds: tuple[int, int]) -> int:
+    return bounds[1] - bounds[0]
+
+
+def chunk_problem(entry: FileEntry, index: int, got: str) -> str:
+    start, end = entry.chunk_range(index)
+    return (f"CRC32C of bytes {start}-{end} (chunk {index + 1} of {len(entry.crc32c)}) "
+            f"is {got}, manifest says {entry.crc32c[index]}")
 
 
 def one_line(exc: Exception, step: int) -> str:

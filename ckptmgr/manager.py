@@ -27,7 +27,7 @@ from ckptmgr.errors import (
 )
 from ckptmgr.exporting import Exporting
 from ckptmgr.history import History
-from ckptmgr.integrity import Progress, Verifier, VerifyResult
+from ckptmgr.integrity import Progress, Verifier, VerifyResult, one_line
 from ckptmgr.io.checksums import Algorithm
 from ckptmgr.io.archive import ModelSnapshot, open_weights, read_json_member
 from ckptmgr.io.layout import manifest_name
@@ -353,13 +353,33 @@ class CheckpointManager(Pruning, Exporting):
         return self._verifier.verified_archive(self.manifest(step), progress=progress)
 
     def _first_good(self, step: int | None, use: Callable[[Manifest, str], Any], *,
-                    overlap: bool = False) -> tuple[Manifest, Any]:
+                    overlap: bool = False, verify: bool = True) -> tuple[Manifest, Any]:
         """``use(manifest, local_path)`` on a checkpoint that verifies (see
         :meth:`ckptmgr.integrity.Verifier.first_good`)."""
         candidates = [self._resolve_step(step)] if step is not None else list(reversed(self.steps()))
         if not candidates:
             self._resolve_step(None)  # raises a clear not-found error
-        return self._verifier.first_good(candidates, use, explicit=step is not None, overlap=overlap)
+        return self._verifier.first_good(candidates, use, explicit=step is not None, overlap=overlap,
+                                         verify=verify or step is None)
+
+    def quick_check(self, step: int) -> str | None:
+        """The manifest reads and the archive has the size it records (the
+        archive itself is not read); the problem in one line, or None."""
+        try:
+            self._verifier.check_size(self._read_manifest(step))
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            return one_line(exc, step)
+        return None
+
+    def verify_share(self, step: int, rank: int, world_size: int) -> str | None:
+        """Verify this rank's share (every ``world_size``-th chunk from ``rank``)
+        of ``step``'s archive; the problem in one line, or None. The ranks of a
+        distributed restore verify an archive together this way."""
+        try:
+            self._verifier.verify_share(self._read_manifest(step), rank, world_size)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            return one_line(exc, step)
+        return None
 
     # -- restoring ----------------------------------------------------------------
     def prepare(self, model) -> None:
@@ -368,15 +388,16 @@ class CheckpointManager(Pruning, Exporting):
         self.wait_until_finished()
         self._capture(model)
 
-    def restore(self, model, step: int | None = None) -> Manifest:
+    def restore(self, model, step: int | None = None, *, verified: bool = False) -> Manifest:
         """Load weights and optimizer state into an existing, built ``model``.
 
         With ``step=None`` the newest checkpoint that verifies is used; corrupt
         newer ones are skipped with a warning. An unbuilt model is first built
         from the checkpoint's ``build_config`` (as ``load_model`` does). A
         checkpoint that verifies but does not fit the model raises
-        ``IncompatibleCheckpointError`` (no fallback). Returns the restored manifest (its ``loop`` says where
-        training continues).
+        ``IncompatibleCheckpointError`` (no fallback). ``verified``: the caller
+        already verified ``step`` (see :meth:`verify_share`). Returns the
+        restored manifest (its ``loop`` says where training continues).
         """
         from ckptmgr.state import apply_weights, build_if_needed
 
@@ -386,7 +407,7 @@ class CheckpointManager(Pruning, Exporting):
                 with open_weights(f) as h5:
                     apply_weights(model, h5)
 
-        manifest, _ = self._first_good(step, apply)
+        manifest, _ = self._first_good(step, apply, verify=not verified)
         return manifest
 
     def load(

@@ -1,4 +1,4 @@
-"""One archive written by several processes at once: the storage side.
+"""One archive written (or read) in byte ranges by several processes: the storage side.
 
 Part of :class:`ckptmgr.io.storage.Storage` (a mixin, so that storage stays
 the one owner of paths). Every writer writes a disjoint byte range of the
@@ -29,7 +29,7 @@ from typing import Literal
 
 from ckptmgr.io import layout
 from ckptmgr.io.checksums import CHUNK_BYTES, HashingWriter
-from ckptmgr.io.localfs import fsync_dir
+from ckptmgr.io.localfs import fsync_dir, open_regular
 
 ParallelKind = Literal["pwrite", "compose", "multipart"]
 MIN_PART_BYTES = {"pwrite": 1, "compose": 1, "multipart": 5 * 1024 * 1024}
@@ -117,6 +117,16 @@ class ParallelParts:
                     self._rm_if_exists(path)
             except Exception:  # noqa: BLE001 - tidying only
                 pass
+
+    def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each ``[start, end)`` of archive ``name``: concurrent
+        requests on object stores, ``pread`` on local disk (never through a link)."""
+        with self._translate(f"reading {name}"):
+            if self.is_local:
+                with open_regular(self._path(name), name) as f:
+                    return [os.pread(f.fileno(), end - start, start) for start, end in ranges]
+            path = self._path(name)
+            return self.fs.cat_ranges([path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
 
     # -- helpers -------------------------------------------------------------------
     def _assembling(self, name: str) -> str:
