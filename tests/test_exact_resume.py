@@ -57,14 +57,17 @@ def _model():
     return model
 
 
-def _fit(directory, save_freq, interrupt_at=None):
+def _fit(directory, save_freq, interrupt_at=None, *, shuffle=False, steps_per_execution=1):
     model = _model()
+    if steps_per_execution > 1:
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"],
+                      steps_per_execution=steps_per_execution)
     callback = CheckpointCallback(directory, save_freq=save_freq)
     callbacks = [callback] + ([InterruptAt(interrupt_at)] if interrupt_at else [])
     x, y = _data()
     try:
         history = model.fit(
-            x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=callbacks
+            x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=shuffle, verbose=0, callbacks=callbacks
         )
     except Interrupt:
         callback.manager.wait_until_finished()  # what a crash leaves: committed saves
@@ -121,22 +124,10 @@ def test_completed_run_resumes_to_a_no_op(tmp_path):
 def test_shuffle_true_restores_position_not_data_order(tmp_path):
     """What the README promises for shuffle=True: exact state and position,
     the same number of steps in all; not bit-identical weights."""
-    def fit(directory, interrupt_at=None):
-        model = _model()
-        callback = CheckpointCallback(directory, save_freq=4)
-        callbacks = [callback] + ([InterruptAt(interrupt_at)] if interrupt_at else [])
-        x, y = _data()
-        try:
-            model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=True, verbose=0,
-                      callbacks=callbacks)
-        except Interrupt:
-            callback.manager.wait_until_finished()
-        return model, callback
-
-    reference, _ = fit(tmp_path / "reference")
-    interrupted, _ = fit(tmp_path / "run", interrupt_at=11)
+    reference, _, _ = _fit(tmp_path / "reference", 4, shuffle=True)
+    _fit(tmp_path / "run", 4, interrupt_at=11, shuffle=True)
     saved = CheckpointManager(tmp_path / "run").manifest(8)
-    resumed, callback = fit(tmp_path / "run")
+    resumed, callback, _ = _fit(tmp_path / "run", 4, shuffle=True)
     assert callback.restored_step == 8
     assert (saved.loop.next_epoch, saved.loop.next_batch) == (1, 2)
     total = EPOCHS * SAMPLES // BATCH
@@ -162,25 +153,12 @@ def test_callback_reused_across_a_recompile_keeps_counting(tmp_path):
 @pytest.mark.parametrize("steps_per_execution, save_freq, interrupt_at", [(2, 4, 11), (3, 3, 10)])
 def test_resume_with_steps_per_execution(tmp_path, steps_per_execution, save_freq, interrupt_at):
     """Issue 9: resume is exact when fit() runs several batches per call."""
-    def fit(directory, interrupt=None):
-        model = _model()
-        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"],
-                      steps_per_execution=steps_per_execution)
-        callback = CheckpointCallback(directory, save_freq=save_freq)
-        callbacks = [callback] + ([InterruptAt(interrupt)] if interrupt else [])
-        x, y = _data()
-        try:
-            model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
-                      callbacks=callbacks)
-        except Interrupt:
-            callback.manager.wait_until_finished()
-        return model, callback
-
-    reference, _ = fit(tmp_path / "reference")
-    fit(tmp_path / "run", interrupt=interrupt_at // steps_per_execution)
+    spe = steps_per_execution
+    reference, _, _ = _fit(tmp_path / "reference", save_freq, steps_per_execution=spe)
+    _fit(tmp_path / "run", save_freq, interrupt_at // spe, steps_per_execution=spe)  # InterruptAt counts calls
     saved = CheckpointManager(tmp_path / "run").latest_step()
     assert 0 < saved < EPOCHS * SAMPLES // BATCH
-    resumed, callback = fit(tmp_path / "run")
+    resumed, callback, _ = _fit(tmp_path / "run", save_freq, steps_per_execution=spe)
     assert callback.restored_step == saved
     for ref, got in zip(_state(reference), _state(resumed), strict=True):
         np.testing.assert_array_equal(ref, got)
