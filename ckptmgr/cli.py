@@ -20,7 +20,6 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from enum import Enum
 from typing import Any, Optional
 
@@ -28,9 +27,12 @@ import typer
 
 from ckptmgr.errors import CheckpointNotFoundError, CkptmgrError, ConfigError, CorruptCheckpointError
 from ckptmgr.manager import CheckpointManager, Progress
-from ckptmgr.io.manifest import Manifest
 from ckptmgr.io.backend_errors import is_backend_error, quiet_backend_logs
 from ckptmgr.io.storage import parse_storage_options
+from ckptmgr.cli_show import (
+    console, human, manifest_row, metrics_text, model_summary, optimizer_summary,
+    out, print_inspect, print_superseded, weight_counts, when,
+)
 
 app = typer.Typer(
     name="ckptmgr",
@@ -98,18 +100,6 @@ def _require_steps(manager: CheckpointManager) -> list[int]:
     return steps
 
 
-def _out(text: str = "") -> None:
-    typer.echo(text)
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() else int(os.environ.get("COLUMNS", "160"))
-    return Console(file=stream, width=width, highlight=False, soft_wrap=False)
-
-
 @contextmanager
 def _progress(description: str) -> Iterator[Progress | None]:
     """A byte progress bar on stderr when it is a terminal; else no callback."""
@@ -129,7 +119,7 @@ def _progress(description: str) -> Iterator[Progress | None]:
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
-        console=_console(stderr=True),
+        console=console(stderr=True),
         transient=True,
     )
     task = None
@@ -142,39 +132,6 @@ def _progress(description: str) -> Iterator[Progress | None]:
 
     with bar:
         yield advance
-
-
-def _human(n: int | float) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def _when(dt: datetime) -> str:
-    return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _metrics_text(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-
-
-def _manifest_row(manager: CheckpointManager, m: Manifest, pinned: set[int]) -> dict[str, Any]:
-    loop = m.loop
-    return {
-        "step": m.step,
-        "path": manager.storage.url_of(m.archive),
-        "bytes": m.archive_entry.bytes,
-        "created": m.created.isoformat(),
-        "metrics": dict(m.metrics),
-        "epoch": loop.epoch if loop else None,
-        "batch": loop.batch if loop else None,
-        "pinned": m.step in pinned,
-        "keras_version": m.keras_version,
-        "stats": m.stats.model_dump(),
-    }
 
 
 # -- listing and inspecting ------------------------------------------------------
@@ -190,14 +147,14 @@ def list_(
     manager = _manager(url, storage_option)
     manifests = manager.manifests()
     pinned = manager.storage.pinned_steps()
-    rows = [_manifest_row(manager, m, pinned) for m in manifests]
+    rows = [manifest_row(manager, m, pinned) for m in manifests]
     if as_json:
-        _out(json.dumps(rows, indent=2))
+        out(json.dumps(rows, indent=2))
         return
     superseded = manager.superseded()
     if not rows:
         typer.echo(f"no checkpoints under {manager.directory}", err=True)
-        _print_superseded(superseded)
+        print_superseded(superseded)
         return
     from rich.table import Table
 
@@ -209,27 +166,17 @@ def list_(
     for m, row in zip(manifests, rows):
         table.add_row(
             str(m.step),
-            _when(m.created),
-            _human(row["bytes"]),
+            when(m.created),
+            human(row["bytes"]),
             "" if row["epoch"] is None else str(row["epoch"]),
             f"{m.stats.blocked_s:.3f}s",
             f"{m.stats.write_s:.2f}s",
             f"{m.stats.mb_per_s:.0f}",
-            _metrics_text(m.metrics),
+            metrics_text(m.metrics),
             "pinned" if row["pinned"] else "",
         )
-    _console().print(table)
-    _print_superseded(superseded)
-
-
-def _print_superseded(superseded) -> None:
-    """The abandoned futures (see ckptmgr.history), after the live history."""
-    if not superseded:
-        return
-    _out("superseded (moved aside when training continued from an older step; never "
-         "restored; `ckptmgr prune URL --superseded` deletes them):")
-    for entry in superseded:
-        _out(f"  {entry.describe()}")
+    console().print(table)
+    print_superseded(superseded)
 
 
 @app.command()
@@ -255,12 +202,12 @@ def inspect(
             raise CorruptCheckpointError(f"step {m.step}: {m.archive}: {exc}") from None
         config = read_json_member(f, "config.json")
         with open_weights(f) as h5:
-            counts = _weight_counts(h5)
-    model = _model_summary(config, counts)
-    optimizer = _optimizer_summary(config)
+            counts = weight_counts(h5)
+    model = model_summary(config, counts)
+    optimizer = optimizer_summary(config)
     pinned = m.step in manager.storage.pinned_steps()
     if as_json:
-        info = _manifest_row(manager, m, {m.step} if pinned else set())
+        info = manifest_row(manager, m, {m.step} if pinned else set())
         info.update(
             schema_version=m.schema_version,
             loop=m.loop.model_dump(exclude={"training"}) if m.loop else None,
@@ -270,122 +217,9 @@ def inspect(
             optimizer=optimizer,
             files={name: e.model_dump() for name, e in m.files.items()},
         )
-        _out(json.dumps(info, indent=2, default=str))
+        out(json.dumps(info, indent=2, default=str))
         return
-    _print_inspect(manager, m, pinned, model, optimizer)
-
-
-def _weight_counts(h5) -> dict[str, int]:
-    """Number of values per top-level group of the weights file (layers, optimizer)."""
-    counts: dict[str, int] = {}
-
-    def visit(name: str, obj) -> None:
-        if hasattr(obj, "shape") and obj.shape is not None:
-            size = 1
-            for d in obj.shape:
-                size *= d
-            parts = name.split("/")
-            key = "/".join(parts[:2]) if parts[0] == "layers" and len(parts) > 1 else parts[0]
-            counts[key] = counts.get(key, 0) + size
-
-    h5.visititems(visit)
-    return counts
-
-
-def _model_summary(config: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
-    inner = config.get("config") or {}
-    layers = []
-    for layer in inner.get("layers") or []:
-        lc = layer.get("config") or {}
-        name = lc.get("name", "?")
-        details = {
-            k: lc[k]
-            for k in ("units", "activation", "filters", "kernel_size", "rate", "batch_shape", "output_dim")
-            if k in lc and lc[k] is not None
-        }
-        layers.append({
-            "name": name,
-            "class": layer.get("class_name", "?"),
-            "details": details,
-            "params": counts.get(f"layers/{name}", 0),
-        })
-    return {
-        "class": config.get("class_name", "?"),
-        "name": inner.get("name", ""),
-        "layers": layers,
-        "params": sum(v for k, v in counts.items() if k.startswith("layers")),
-        "optimizer_values": counts.get("optimizer", 0),
-    }
-
-
-def _optimizer_summary(config: dict[str, Any]) -> dict[str, Any] | None:
-    compile_config = config.get("compile_config") or {}
-    optimizer = compile_config.get("optimizer")
-    if not optimizer:
-        return None
-    if isinstance(optimizer, str):
-        return {"class": optimizer, "config": {}, "loss": compile_config.get("loss")}
-    return {
-        "class": optimizer.get("class_name", "?"),
-        "config": optimizer.get("config") or {},
-        "loss": compile_config.get("loss"),
-        "metrics": compile_config.get("metrics"),
-    }
-
-
-def _print_inspect(manager, m: Manifest, pinned: bool, model, optimizer) -> None:
-    _out(f"checkpoint   step {m.step}")
-    _out(f"path         {manager.storage.url_of(m.archive)}")
-    _out(f"created      {_when(m.created)}")
-    _out(f"keras        {m.keras_version or '?'} (manifest schema {m.schema_version})")
-    _out(f"pinned       {'yes' if pinned else 'no'}")
-    _out(f"metrics      {_metrics_text(m.metrics) or '-'}")
-    if m.loop:
-        lp = m.loop
-        _out(
-            f"loop         saved at epoch {lp.epoch}, batch {lp.batch}; "
-            f"next: epoch {lp.next_epoch}, batch {lp.next_batch}"
-        )
-    else:
-        _out("loop         -")
-    s = m.stats
-    _out(
-        f"save         {_human(s.bytes)}, blocked {s.blocked_s:.3f} s, "
-        f"write {s.write_s:.3f} s, {s.mb_per_s:.1f} MB/s"
-    )
-    if m.world:
-        _out(f"world        {json.dumps(m.world, default=str)}")
-    if m.extra:
-        _out(f"extra        {json.dumps(m.extra, default=str)}")
-    _out()
-    _out(f"model        {model['class']} {model['name']!r}: {model['params']:,} parameters")
-    width = max([len(layer["name"]) for layer in model["layers"]] + [4])
-    for layer in model["layers"]:
-        details = ", ".join(f"{k}={v}" for k, v in layer["details"].items())
-        _out(f"  {layer['name']:<{width}}  {layer['class']:<14} {layer['params']:>10,}  {details}")
-    if optimizer:
-        cfg = ", ".join(
-            f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in optimizer["config"].items()
-            if v is not None and k != "name"
-        )
-        _out(f"optimizer    {optimizer['class']}: {cfg}")
-        _out(f"  state      {model['optimizer_values']:,} values")
-        _out(f"loss         {json.dumps(optimizer.get('loss'), default=str)}")
-    _out()
-    _out("files")
-    for name, entry in m.files.items():
-        _out(f"  {name}  {entry.bytes} bytes  {_checksums_text(entry)}")
-
-
-def _checksums_text(entry) -> str:
-    parts = []
-    if entry.crc32c is not None:
-        count = len(entry.crc32c)
-        parts.append(f"crc32c per {_human(entry.chunk_bytes)} chunk ({count} chunk{'s' * (count != 1)})")
-    if entry.sha256 is not None:
-        parts.append(f"sha256 {entry.sha256}")
-    return ", ".join(parts)
+    print_inspect(manager, m, pinned, model, optimizer)
 
 
 # -- integrity and export ------------------------------------------------------
@@ -406,10 +240,10 @@ def verify(
             results = manager.verify(s, progress=progress)
         for result in results:
             if result.ok:
-                _out(f"ok step {result.step}")
+                out(f"ok step {result.step}")
             else:
                 bad += 1
-                _out(f"bad {result.problem}")
+                out(f"bad {result.problem}")
     if bad:
         raise typer.Exit(1)
 
@@ -454,7 +288,7 @@ def export(
         with _progress("export") as progress:
             done = manager.export_keras(output, step, storage_options=dest_options, progress=progress,
                                         overwrite=overwrite)
-    _out(f"exported {fmt.value} to {done}")
+    out(f"exported {fmt.value} to {done}")
 
 
 def _dest_options(url: str, output: str, source: list[str] | None, dest: list[str] | None) -> dict[str, Any]:
@@ -513,24 +347,24 @@ def prune(
             return
     report = manager.prune(dry_run=dry_run, retention=policy)
     for s, reasons in report.decision.keep.items():
-        _out(f"keep   step {s}: {', '.join(reasons)}")
+        out(f"keep   step {s}: {', '.join(reasons)}")
     deleted = report.decision.delete if dry_run else report.deleted
     verb = "would delete" if dry_run else "delete"
     for s in deleted:
-        _out(f"{verb} step {s}")
+        out(f"{verb} step {s}")
     if dry_run:
-        _out(f"dry run: would keep {len(report.decision.keep)}, delete {len(deleted)}; nothing deleted")
+        out(f"dry run: would keep {len(report.decision.keep)}, delete {len(deleted)}; nothing deleted")
     else:
-        _out(f"kept {len(report.decision.keep)}, deleted {len(deleted)}")
+        out(f"kept {len(report.decision.keep)}, deleted {len(deleted)}")
 
 
 def _prune_superseded(manager: CheckpointManager, dry_run: bool) -> None:
     entries = manager.superseded() if dry_run else manager.delete_superseded()
     verb = "would delete" if dry_run else "delete"
     for entry in entries:
-        _out(f"{verb} superseded {entry.describe()}")
+        out(f"{verb} superseded {entry.describe()}")
     if not entries:
-        _out("no superseded steps")
+        out("no superseded steps")
 
 
 @app.command()
@@ -541,7 +375,7 @@ def pin(
 ) -> None:
     """Protect a checkpoint from pruning."""
     _manager(url, storage_option).pin(step, True)
-    _out(f"pinned step {step}")
+    out(f"pinned step {step}")
 
 
 @app.command()
@@ -552,7 +386,7 @@ def unpin(
 ) -> None:
     """Let a pinned checkpoint be pruned again."""
     _manager(url, storage_option).pin(step, False)
-    _out(f"unpinned step {step}")
+    out(f"unpinned step {step}")
 
 
 @app.command()
@@ -563,7 +397,7 @@ def lease(
     """Show which writer holds the directory. The newest claim wins: a job that
     starts writing here takes over by itself and the previous writer is fenced."""
     holder = _manager(url, storage_option).lease.current()
-    _out(holder.describe() if holder else f"no writer has claimed {url}")
+    out(holder.describe() if holder else f"no writer has claimed {url}")
 
 
 # -- the example job -------------------------------------------------------------
@@ -617,7 +451,7 @@ def _run_job(config: str, overrides: list[str] | None, *, resume: bool, address:
     start = f"resumed from step {result.restored_step}" if result.restored_step is not None else "started fresh"
     loss = f"final loss {result.final_loss:.4g}" if result.final_loss is not None else "already complete"
     preempted = "; stopped by preemption after an emergency checkpoint" if getattr(result, "preempted", False) else ""
-    _out(
+    out(
         f"{cfg.name}: {start}; trained {where} to step {result.final_step} "
         f"({cfg.training.epochs} epoch{'s' if cfg.training.epochs != 1 else ''}), {loss}"
         f"{preempted}; checkpoints in {result.directory}"

@@ -32,7 +32,7 @@ from ckptmgr.io.checksums import Algorithm
 from ckptmgr.io.archive import ModelSnapshot, open_weights, read_json_member
 from ckptmgr.io.layout import manifest_name
 from ckptmgr.io.lease import WriterLease
-from ckptmgr.io.manifest import LoopState, Manifest, now_utc
+from ckptmgr.io.manifest import LoopState, Manifest
 from ckptmgr.io.storage import Storage
 from ckptmgr.ranged_write import RangeAssignment, RangeResult
 from ckptmgr.pipeline import BusyPolicy, SavePipeline, check_policy

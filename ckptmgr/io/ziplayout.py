@@ -21,8 +21,6 @@ import datetime
 import struct
 from dataclasses import dataclass
 
-from ckptmgr.io.checksums import crc32, crc32_combine  # noqa: F401 - re-exported for writers
-
 _ZIP64_LIMIT = (1 << 31) - 1  # what zipfile uses: beyond it, ZIP64 records
 _LOCAL = struct.Struct("<4s2B4HL2L2H")
 _CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
