@@ -26,16 +26,15 @@ finds the same one, and a restarted driver or worker finds it again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
-import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckptmgr.agreement import RestoreVotes
+from ckptmgr.replicas import gather_shards, shard_rows, snapshot_digest, with_shards  # noqa: F401 - re-exported
 from ckptmgr.errors import DistributedSaveError
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState
@@ -416,74 +415,6 @@ class _RayMetrics:
         self.dropped[kind] += 1
         if kind in self._counters:
             self._counters[kind].inc(1, tags=self._tags)
-
-
-def gather_shards(step: int, by_rank: dict[int, dict]) -> dict[str, Any]:
-    """Order every sharded dataset's row ranges; refuse gaps and overlaps."""
-    from ckptmgr.io.archive import RowShards
-
-    paths = {path for shards in by_rank.values() for path in shards}
-    gathered = {}
-    for path in sorted(paths):
-        pieces = sorted((start, stop, rank, rows) for rank, shards in by_rank.items()
-                        for p, (start, stop, rows) in shards.items() if p == path)
-        expected = 0
-        for start, stop, rank, rows in pieces:
-            if start != expected or rows.shape[0] != stop - start:
-                raise DistributedSaveError(
-                    f"step {step} refused: shards of {path} do not tile its rows "
-                    f"(rank {rank} sent rows {start}:{stop}, expected to start at {expected}); "
-                    "nothing was written."
-                )
-            expected = stop
-        gathered[path] = RowShards([rows for *_, rows in pieces])
-    return gathered
-
-
-def with_shards(snapshot, shards: dict[str, Any]):
-    """The snapshot with each sharded dataset replaced by its gathered rows."""
-    from ckptmgr.io.archive import ModelSnapshot, VarGroup
-
-    groups = []
-    for group in snapshot.groups:
-        arrays = []
-        for key, array in group.arrays:
-            gathered = shards.get(f"{group.path}/{key}")
-            if gathered is not None and gathered.shape != array.shape:
-                raise DistributedSaveError(
-                    f"sharded {group.path}/{key}: gathered shape {gathered.shape} differs "
-                    f"from the variable's {array.shape}; nothing was written."
-                )
-            arrays.append((key, gathered if gathered is not None else array))
-        groups.append(VarGroup(group.path, group.attrs, arrays))
-    return ModelSnapshot(snapshot.config_json, snapshot.metadata_json, groups, snapshot.assets)
-
-
-def shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous rows of a sharded dataset that ``rank`` owns (even split)."""
-    return rank * rows // world_size, (rank + 1) * rows // world_size
-
-
-def snapshot_digest(snapshot, exclude: frozenset[str] = frozenset()) -> str:
-    """A fingerprint of the replicated state, to prove replicas agree (worker side).
-
-    sha256 over every array's path, shape, dtype and CRC32, and every asset
-    file's path, size and CRC32. It detects
-    divergence (it is not a defence against an adversary), at CRC32 speed
-    (~4 GB/s, twice sha256's), on every rank of every save. The archive's own
-    integrity checksum is a full sha256, computed once, on the coordinator.
-    """
-    digest = hashlib.sha256()
-    for group in snapshot.groups:
-        for key, array in group.arrays:
-            if f"{group.path}/{key}" in exclude:
-                continue
-            crc = zlib.crc32(memoryview(array.reshape(-1).view("uint8")))
-            digest.update(f"{group.path}/{key}:{array.shape}:{array.dtype}:{crc:08x}".encode())
-    for name in sorted(snapshot.assets):
-        data = snapshot.assets[name]
-        digest.update(f"assets/{name}:{len(data)}:{zlib.crc32(data):08x}".encode())
-    return digest.hexdigest()
 
 
 def get_or_create(options: CoordinatorOptions):

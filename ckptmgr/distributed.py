@@ -34,13 +34,8 @@ from typing import Any
 
 from collections.abc import Collection
 
-from ckptmgr.coordinator import (
-    CoordinatorOptions,
-    find,
-    get_or_create,
-    shard_rows,
-    snapshot_digest,
-)
+from ckptmgr.coordinator import CoordinatorOptions, find, get_or_create
+from ckptmgr.replicas import shard_rows, snapshot_digest
 from ckptmgr.errors import ConfigError, CorruptCheckpointError, DistributedSaveError
 from ckptmgr.ranged_write import write_assigned_range
 from ckptmgr.manager import CheckpointManager
