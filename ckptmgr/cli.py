@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,9 @@ from typing import Any, Optional
 
 import typer
 
-from ckptmgr.errors import CheckpointNotFoundError, CkptmgrError, ConfigError, CorruptCheckpointError
+from ckptmgr.errors import (
+    CheckpointNotFoundError, CkptmgrError, ConfigError, CorruptCheckpointError, JobStoppedError,
+)
 from ckptmgr.manager import CheckpointManager, Progress
 from ckptmgr.io.backend_errors import is_backend_error, quiet_backend_logs
 from ckptmgr.io.storage import parse_storage_options
@@ -446,19 +449,33 @@ def _run_job(config: str, overrides: list[str] | None, *, resume: bool, address:
     else:
         from ckptmgr import job
 
-        result = job.run_local(cfg, resume=resume)
+        # The callback passes SIGTERM on to this handler after its emergency
+        # checkpoint, so the run ends here with its summary and status 75.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        try:
+            result = job.run_local(cfg, resume=resume)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         where = "in this process"
     start = f"resumed from step {result.restored_step}" if result.restored_step is not None else "started fresh"
+    if result.preempted:
+        out(f"{cfg.name}: {start}; stopped by preemption {where} at step {result.final_step} "
+            f"after an emergency checkpoint; `ckptmgr resume` continues; checkpoints in {result.directory}")
+        raise typer.Exit(EXIT_PREEMPTED)
     loss = f"final loss {result.final_loss:.4g}" if result.final_loss is not None else "already complete"
-    preempted = "; stopped by preemption after an emergency checkpoint" if getattr(result, "preempted", False) else ""
     out(
         f"{cfg.name}: {start}; trained {where} to step {result.final_step} "
-        f"({cfg.training.epochs} epoch{'s' if cfg.training.epochs != 1 else ''}), {loss}"
-        f"{preempted}; checkpoints in {result.directory}"
+        f"({cfg.training.epochs} epoch{'s' if cfg.training.epochs != 1 else ''}), {loss}; "
+        f"checkpoints in {result.directory}"
     )
 
 
 # -- entry point -------------------------------------------------------------------
+
+
+# A run stopped by a preemption or a lost node exits with EX_TEMPFAIL (sysexits.h):
+# "try again later". Never 0, so `resume || run` and KubeRay's backoffLimit restart it.
+EXIT_PREEMPTED = 75
 
 
 def _first_line(exc: BaseException) -> str:
@@ -475,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     _state["debug"] = False
     try:
         app(args=argv, prog_name="ckptmgr")
+    except JobStoppedError as exc:  # a node was lost: not a finished run, not a bad config
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {_first_line(exc)}", err=True)
+        return EXIT_PREEMPTED
     except (CkptmgrError, OSError, ValueError, ArithmeticError) as exc:
         if _state["debug"]:
             raise

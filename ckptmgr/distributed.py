@@ -26,8 +26,6 @@ import logging
 import math
 import statistics
 import os
-import signal
-import threading
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -41,37 +39,12 @@ from ckptmgr.ranged_write import write_assigned_range
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState, Manifest
 from ckptmgr.pipeline import SavePipeline
+from ckptmgr.preemption import clear_preemption, preemption_requested
 
 log = logging.getLogger("ckptmgr")
 
-_preempted = threading.Event()
 POLL_INTERVAL_S = 0.2  # how often workers ask the coordinator for an emergency step
 EMERGENCY_LEAD_S = 1.0  # how far ahead (in training time) the emergency step is set
-
-
-def install_sigterm_handler() -> bool:
-    """Make SIGTERM request an emergency checkpoint; False off the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    previous = signal.getsignal(signal.SIGTERM)
-    if getattr(previous, "_ckptmgr", False):
-        return True
-
-    def on_sigterm(signum, frame):
-        log.warning("SIGTERM received; taking an emergency checkpoint")
-        _preempted.set()
-
-    on_sigterm._ckptmgr = True  # type: ignore[attr-defined]
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return True
-
-
-def preemption_requested() -> bool:
-    return _preempted.is_set()
-
-
-def clear_preemption() -> None:
-    _preempted.clear()
 
 
 def ray_rank_and_world() -> tuple[int, int] | None:

@@ -71,3 +71,8 @@ class UnknownCustomObjectError(CkptmgrError, TypeError):
 
 class UnsafeCheckpointError(CkptmgrError, ValueError):
     """Loading needs code execution (a Python lambda) that safe_mode refuses."""
+
+
+class JobStoppedError(CkptmgrError, RuntimeError):
+    """A worker died mid-run (node lost, preempted); resume to continue.
+    The CLI exits with 75 (EX_TEMPFAIL) for it, never 0."""

@@ -28,6 +28,7 @@ class JobResult:
     epochs: int  # epochs the job trains in total (cfg.training.epochs)
     final_loss: float | None  # training loss of the last epoch run; None if none ran
     directory: str
+    preempted: bool = False  # stopped by SIGTERM after an emergency checkpoint
 
 
 def make_dataset(training: TrainingConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -123,4 +124,5 @@ def run_local(cfg: JobConfig, *, resume: bool) -> JobResult:
         epochs=cfg.training.epochs,
         final_loss=float(losses[-1]) if losses else None,
         directory=callback.manager.directory,
+        preempted=callback.preempted,
     )

@@ -29,12 +29,8 @@ import keras
 import numpy as np
 
 from ckptmgr.cadence import AutoSaveFreq, committed_manifest, job_mtbf_s, parse_mtbf
-from ckptmgr.distributed import (
-    clear_preemption,
-    client_for,
-    install_sigterm_handler,
-    preemption_requested,
-)
+from ckptmgr.distributed import client_for
+from ckptmgr.preemption import SigtermGuard, clear_preemption, preemption_requested
 from ckptmgr.errors import ConfigError
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState, Manifest
@@ -177,6 +173,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.save_on_train_end = save_on_train_end
         self.grace_period_s = grace_period_s
         self.preempted = False
+        self._sigterm = SigtermGuard()
         self.restored_step: int | None = None
         self.restored_manifest: Manifest | None = None
         self._reset_position()
@@ -197,7 +194,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         previous = self._global_step  # this callback's own count, from an earlier fit()
         self._reset_position()
         self.restored_step, self.restored_manifest = None, None
-        install_sigterm_handler()
+        self._sigterm.install()  # released (and a SIGTERM passed on) at train end
         # The optimizer's count restarts at 0 after a recompile; ours does not.
         self._global_step = max(_optimizer_iterations(self.model), previous)
         newest = self.manager.latest_step()
@@ -381,6 +378,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             self.manager.wait_until_finished()
         finally:
             self.model._initial_epoch = None
+            self._sigterm.release()  # after the emergency checkpoint: pass SIGTERM on
 
     # -- saving ---------------------------------------------------------------
     def _save(self, logs, *, next_epoch: int, next_batch: int) -> None:

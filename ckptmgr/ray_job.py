@@ -15,13 +15,14 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from typing import Any
 
 from ckptmgr.config import JobConfig
 from ckptmgr.coordinator import CoordinatorOptions, get_or_create
-from ckptmgr.errors import CheckpointNotFoundError, CkptmgrError
+from ckptmgr.errors import CheckpointNotFoundError, JobStoppedError  # noqa: F401 - JobStoppedError re-exported
 
 log = logging.getLogger("ckptmgr")
 
@@ -32,8 +33,6 @@ WORKER_ENV = {
 }
 
 
-class JobStoppedError(CkptmgrError, RuntimeError):
-    """A worker died mid-run (node lost, preempted); resume to continue."""
 
 
 @dataclass(frozen=True)
@@ -67,10 +66,17 @@ class TrainWorker:
                 {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": self.rank}}
             )
         cfg = JobConfig.model_validate_json(cfg_json)
-        model, callback, history = _fit_example(
-            cfg, multiworker=self.world_size > 1, rank=self.rank, world_size=self.world_size,
-            grace_period_s=cfg.ray.grace_period_s,
-        )
+        # The callback passes a SIGTERM on to the handler it found once its emergency
+        # checkpoint is committed: here, ours (Ray's would end the actor before it
+        # reports); the driver then says the run was preempted and stops the actors.
+        previous = signal.signal(signal.SIGTERM, _note_sigterm)
+        try:
+            model, callback, history = _fit_example(
+                cfg, multiworker=self.world_size > 1, rank=self.rank, world_size=self.world_size,
+                grace_period_s=cfg.ray.grace_period_s,
+            )
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         losses = history.history.get("loss") or []
         return {
             "rank": self.rank,
@@ -81,6 +87,10 @@ class TrainWorker:
             # Only on request (tests): a whole model's weights to the driver.
             "weights": model.get_weights() if return_weights and self.rank == 0 else None,
         }
+
+
+def _note_sigterm(signum, frame) -> None:
+    log.info("SIGTERM passed on after the emergency checkpoint; reporting to the driver")
 
 
 def ray_train_loop(config: dict[str, Any]) -> None:
@@ -177,7 +187,9 @@ def run_on_ray(
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": WORKER_ENV},
+        # null means a new local cluster, as documented: plain ray.init() would join
+        # whatever /tmp/ray/ray_current_cluster names (and wait minutes on a stale one).
+        ray.init(address=cfg.ray.address or "local", runtime_env={"env_vars": WORKER_ENV},
                  log_to_driver=False, configure_logging=False)
     coordinator = _coordinator_for(coordinator_options(cfg))
     latest = ray.get(coordinator.latest_step.remote())

@@ -238,7 +238,7 @@ def test_a_blocking_save_replaces_the_pending_one_and_is_written(tmp_path, monke
 def test_callback_emergency_save_is_written_while_a_save_is_pending(tmp_path, monkeypatch):
     """SIGTERM mid-fit with a slow writer: the emergency step is committed
     (after the write in progress), training stops, nothing older follows it."""
-    from ckptmgr import distributed
+    from ckptmgr import preemption
 
     mgr = CheckpointManager(tmp_path / "run")
     slow = SlowStorage(mgr, monkeypatch, delay_s=0.3)
@@ -249,13 +249,13 @@ def test_callback_emergency_save_is_written_while_a_save_is_pending(tmp_path, mo
     class Preempt(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             if batch == 5:
-                distributed._preempted.set()
+                preemption.request_preemption()
 
     callback = CheckpointCallback(mgr, save_freq=1)
     try:
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[Preempt(), callback])
     finally:
-        distributed.clear_preemption()
+        preemption.clear_preemption()
     assert callback.preempted
     emergency = [m for m in mgr.manifests() if m.extra.get("emergency")]
     assert [m.step for m in emergency] == [6]  # the step of the batch that saw the signal
