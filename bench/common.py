@@ -5,6 +5,7 @@ from __future__ import annotations
 import bench  # noqa: F401  (environment before TensorFlow / gcsfs)
 
 import datetime
+import gc
 import math
 import os
 import platform
@@ -87,13 +88,30 @@ def timed(cls):
     """A subclass of callback ``cls`` that times its ``on_train_batch_end``.
 
     ``batch_seconds[i]`` is the time spent in the callback after global batch
-    ``i + 1`` (1-based step numbers, across epochs).
+    ``i + 1`` (1-based step numbers, across epochs); ``begin_seconds`` and
+    ``end_seconds`` the time in ``on_train_begin`` / ``on_train_end``.
     """
 
     class Timed(cls):  # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.batch_seconds: list[float] = []
+            self.begin_seconds: float | None = None
+            self.end_seconds: float | None = None
+
+        def on_train_begin(self, logs=None):
+            started = time.perf_counter()
+            try:
+                return super().on_train_begin(logs)
+            finally:
+                self.begin_seconds = time.perf_counter() - started
+
+        def on_train_end(self, logs=None):
+            started = time.perf_counter()
+            try:
+                return super().on_train_end(logs)
+            finally:
+                self.end_seconds = time.perf_counter() - started
 
         def on_train_batch_end(self, batch, logs=None):
             started = time.perf_counter()
@@ -163,6 +181,19 @@ def median(values) -> float | None:
 # -- memory ------------------------------------------------------------------------
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), so that an
+    RSS measurement that follows sees new allocations as growth instead of
+    reusing pages that earlier sections freed but the allocator kept."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except Exception:  # noqa: BLE001 - not glibc
+        pass
+
+
 class RssSampler:
     """Peak RSS of one process, sampled every ``interval`` s in a thread.
 
@@ -221,6 +252,60 @@ class RssSampler:
     @property
     def delta_private(self) -> int:
         return self.peak_private - self.baseline_private
+
+
+# -- page cache ---------------------------------------------------------------------
+
+
+def drop_cache(path: str) -> float | None:
+    """Evict ``path``'s (clean) pages from the page cache; the fraction of its
+    pages still resident afterwards (None if that cannot be checked).
+
+    ``posix_fadvise(POSIX_FADV_DONTNEED)`` needs no privileges and works on a
+    file whose pages are clean (written and fsynced) and not mapped; the next
+    read then comes from the disk (or the hypervisor's cache below it).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return resident_fraction(path)
+
+
+def resident_fraction(path: str) -> float | None:
+    """Share of ``path``'s pages in the page cache (``mincore``), or None."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        pages = -(-size // mmap.PAGESIZE)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        if address in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(address, size, vec) != 0:
+                return None
+            return float((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) / pages
+        finally:
+            libc.munmap(address, size)
+    except Exception:  # noqa: BLE001 - not Linux/glibc: unknown
+        return None
 
 
 # -- raw I/O references ---------------------------------------------------------------

@@ -155,7 +155,7 @@ class Report:
         else:
             ax1.text(0.5, 0.5, "no data", ha="center", transform=ax1.transAxes)
         ax1.set_ylabel("seconds per checkpoint (log)")
-        ax1.set_title("Blocked time per checkpoint inside fit() (median)")
+        ax1.set_title("Blocked time per checkpoint inside fit() (median; worst incl. the first save)")
 
         ratios = [(n, r, t, op) for n, r, t, op in self.plot_ratios if r is not None and math.isfinite(r)]
         if ratios:

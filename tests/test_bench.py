@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8")
+SECTIONS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9")
 
 
 @pytest.mark.slow
