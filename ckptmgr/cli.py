@@ -411,6 +411,7 @@ SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a confi
 
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address (sets ray.address); default: start a local one.")
 LocalOpt = typer.Option(False, "--no-ray", help="Train in this process instead of on Ray workers.")
+JsonRunOpt = typer.Option(False, "--json", help="Print one JSON object at the end (resumed_from, final_step, ...) instead of the summary line.")
 
 
 @app.command()
@@ -419,9 +420,10 @@ def run(
     set_: Optional[list[str]] = SetOpt,
     address: Optional[str] = AddressOpt,
     no_ray: bool = LocalOpt,
+    as_json: bool = JsonRunOpt,
 ) -> None:
     """Train the example job on Ray; continues from the newest checkpoint if there is one."""
-    _run_job(config, set_, resume=False, address=address, on_ray=not no_ray)
+    _run_job(config, set_, resume=False, address=address, on_ray=not no_ray, as_json=as_json)
 
 
 @app.command()
@@ -430,12 +432,14 @@ def resume(
     set_: Optional[list[str]] = SetOpt,
     address: Optional[str] = AddressOpt,
     no_ray: bool = LocalOpt,
+    as_json: bool = JsonRunOpt,
 ) -> None:
     """Continue the example job from its newest good checkpoint (error if there is none)."""
-    _run_job(config, set_, resume=True, address=address, on_ray=not no_ray)
+    _run_job(config, set_, resume=True, address=address, on_ray=not no_ray, as_json=as_json)
 
 
-def _run_job(config: str, overrides: list[str] | None, *, resume: bool, address: str | None, on_ray: bool) -> None:
+def _run_job(config: str, overrides: list[str] | None, *, resume: bool, address: str | None, on_ray: bool,
+             as_json: bool = False) -> None:
     from ckptmgr.config import apply_overrides, load_config, set_values
 
     cfg = apply_overrides(load_config(config), overrides)
@@ -457,6 +461,11 @@ def _run_job(config: str, overrides: list[str] | None, *, resume: bool, address:
         finally:
             signal.signal(signal.SIGTERM, previous)
         where = "in this process"
+    if as_json:
+        _out_json_result(result)
+        if result.preempted:
+            raise typer.Exit(EXIT_PREEMPTED)
+        return
     start = f"resumed from step {result.restored_step}" if result.restored_step is not None else "started fresh"
     if result.preempted:
         out(f"{cfg.name}: {start}; stopped by preemption {where} at step {result.final_step} "
@@ -468,6 +477,20 @@ def _run_job(config: str, overrides: list[str] | None, *, resume: bool, address:
         f"({cfg.training.epochs} epoch{'s' if cfg.training.epochs != 1 else ''}), {loss}; "
         f"checkpoints in {result.directory}"
     )
+
+
+def _out_json_result(result) -> None:
+    """What a run did, for scripts and tests (``--json``)."""
+    resumed = result.restored_step
+    out(json.dumps({
+        "resumed_from": None if resumed is None else {"step": resumed, "tier": "storage"},
+        "final_step": result.final_step,
+        "restarts": 0,
+        "preempted": bool(result.preempted),
+        "final_loss": result.final_loss,
+        "directory": result.directory,
+        "exit_status": EXIT_PREEMPTED if result.preempted else 0,
+    }))
 
 
 # -- entry point -------------------------------------------------------------------

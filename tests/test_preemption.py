@@ -94,13 +94,13 @@ def _cli(*args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def test_a_preempted_cli_run_exits_75_and_resume_finishes_it(tmp_path):
+def test_a_preempted_cli_run_exits_75_says_so_in_json_and_resume_finishes_it(tmp_path):
     import time
 
     directory = tmp_path / "ck"
     sets = ["--set", f"checkpoint.directory={directory}", "--set", "checkpoint.save_freq=4",
             "--set", "training.epochs=400", "--set", "training.samples=64"]
-    run = _cli("run", "configs/local.yaml", "--no-ray", *sets)
+    run = _cli("run", "configs/local.yaml", "--no-ray", "--json", *sets)
     manager = CheckpointManager(directory)
     deadline = time.monotonic() + 120
     while manager.latest_step() is None and time.monotonic() < deadline and run.poll() is None:
@@ -108,14 +108,16 @@ def test_a_preempted_cli_run_exits_75_and_resume_finishes_it(tmp_path):
     run.send_signal(signal.SIGTERM)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 75, (out, err[-2000:])
-    assert "stopped by preemption" in out and "ckptmgr resume" in out
     stopped = manager.manifest()
     assert stopped.extra.get("emergency") is True
+    report = json.loads(out.strip().splitlines()[-1])  # --json: one object, what happened
+    assert report == {"resumed_from": None, "final_step": stopped.step, "restarts": 0, "preempted": True,
+                      "final_loss": report["final_loss"], "directory": str(directory), "exit_status": 75}
     resume = _cli("resume", "configs/local.yaml", "--no-ray", *sets[:-4], "--set", "training.epochs=2",
                   "--set", "training.samples=64")
     out, err = resume.communicate(timeout=300)
     assert resume.returncode == 0, (out, err[-2000:])
-    assert f"resumed from step {stopped.step}" in out
+    assert f"resumed from step {stopped.step}" in out and "stopped by preemption" not in out
 
 
 def test_a_lost_node_is_status_75_not_1(monkeypatch, capsys):
@@ -155,3 +157,22 @@ def test_a_null_ray_address_starts_a_local_cluster_never_a_stale_one(monkeypatch
     with pytest.raises(Stop):
         ray_job.run_on_ray(cfg, resume=False)
     assert seen["address"] == "local"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_the_summary_of_a_preempted_run_never_says_it_finished(monkeypatch, capsys, as_json):
+    from ckptmgr import cli, job
+
+    def preempted(cfg, *, resume):
+        return job.JobResult(final_step=7, restored_step=4, epochs=3, final_loss=0.5,
+                             directory="/ck", preempted=True)
+
+    monkeypatch.setattr(job, "run_local", preempted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "configs/local.yaml", "--no-ray", *(["--json"] if as_json else [])])
+    assert exit_.value.code == 75
+    out = capsys.readouterr().out
+    if as_json:
+        assert json.loads(out)["resumed_from"] == {"step": 4, "tier": "storage"}
+    else:
+        assert "stopped by preemption in this process at step 7" in out and "trained" not in out
