@@ -67,9 +67,19 @@ class Mode(str, Enum):
     auto = "auto"  # from the metric's name, as Keras's mode="auto"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from ckptmgr import __version__
+
+        out(f"ckptmgr {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     """Rolling, verified, resumable .keras checkpoints on any fsspec storage."""
     _state["debug"] = debug

@@ -371,3 +371,13 @@ def test_prune_keep_best_on_a_metric_no_checkpoint_has_keeps_all_and_warns(copy_
     assert "ckptmgr: ckptmgr" not in result.stderr and "warning: ckptmgr:" not in result.stderr
     assert "kept 3, deleted 0" in result.stdout
     assert listed_steps(copy_of) == list(STEPS)
+
+
+def test_version_and_python_dash_m():
+    from ckptmgr import __version__
+
+    for command in (["ckptmgr"], [sys.executable, "-m", "ckptmgr"]):
+        result = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60,
+                                cwd=REPO_ROOT, env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"ckptmgr {__version__}"
