@@ -79,7 +79,7 @@ class Committer:
                                for i, (a, b) in enumerate(ranges)]
                 self._storage.begin_parallel(name, plan.total)
                 try:
-                    size, crcs = assemble(self._storage, name, plan, dispatch(assignments), chunk)
+                    size, crcs = assemble(self._storage, name, plan, dispatch(assignments), chunk, assignments)
                 except BaseException:
                     self._storage.abandon_parallel(name, len(ranges))
                     raise

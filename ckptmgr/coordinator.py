@@ -114,7 +114,7 @@ class Coordinator:
         )
         self._ranges = RangeRounds()
         self._votes = RestoreVotes(options.world_size)
-        self._bad: set[int] = set()  # steps a rank found corrupt: never restored
+        self._bad: set[tuple[int, str | None]] = set()  # (step, attempt) a rank found corrupt
         # Claim the directory now: a coordinator of an earlier run (a zombie
         # after a preemption) is fenced from this moment, not at our first save.
         self.manager.claim()
@@ -292,23 +292,33 @@ class Coordinator:
         the recorded size, and no rank found it corrupt. The archive is not
         read here: the ranks verify it, a share each (:meth:`restore_vote`)."""
         for step in reversed(self.manager.steps()):
-            if step in self._bad:
+            if self._attempt(step) in self._bad:
                 continue
             problem = self.manager.quick_check(step)
             if problem is None:
                 return step
-            self._bad.add(step)
             log.warning("%s; falling back to an older checkpoint", problem)
         return None
+
+    def _attempt(self, step: int) -> tuple[int, str | None]:
+        """``step`` and the write attempt its manifest names: a verdict on a
+        step never outlives the step (written afresh after a fallback, it is
+        another attempt)."""
+        try:
+            return step, self.manager.manifest(step).attempt
+        except Exception:  # noqa: BLE001 - unreadable or gone: judged by quick_check
+            return step, None
 
     def restore_vote(self, step: int, rank: int, problem: str | None, timeout_s: float) -> str | None:
         """Barrier of a distributed restore: every rank's verdict on its share
         of ``step``. None if all agree it is good; else the first problem, and
         the step is never offered again."""
         verdict = self._votes.vote(step, rank, problem, timeout_s)
-        if verdict is not None and step not in self._bad:
-            self._bad.add(step)
-            log.warning("step %d: %s; falling back to an older checkpoint", step, verdict)
+        if verdict is not None:
+            attempt = self._attempt(step)
+            if attempt not in self._bad:
+                self._bad.add(attempt)
+                log.warning("step %d: %s; falling back to an older checkpoint", step, verdict)
         return verdict
 
     def supersede_after(self, step: int | None, reason: str) -> list[int]:

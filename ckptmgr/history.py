@@ -18,13 +18,14 @@ same result: a record without its manifest removed is finished next time.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ckptmgr.errors import CheckpointNotFoundError, CkptmgrError, CorruptCheckpointError
-from ckptmgr.io.layout import archive_name, new_attempt_id, parse_name
+from ckptmgr.io.layout import archive_name, parse_name
 from ckptmgr.io.lease import WriterLease
 from ckptmgr.io.manifest import now_utc
 from ckptmgr.io.storage import Storage
@@ -60,7 +61,7 @@ class History:
         """Move every committed step newer than ``step`` (every step, for None)
         aside; return them. Only the lease holder may (fenced writers raise)."""
         doomed = [s for s in self._storage.committed_steps() if step is None or s > step]
-        for victim in doomed:
+        for victim in reversed(doomed):  # newest first: a crash midway leaves a gapless history
             self._lease.check(f"moving step {victim} aside")
             raw = self._raw_manifest(victim)
             if raw is None:
@@ -134,7 +135,11 @@ def _record(step: int, raw: bytes, reason: str) -> tuple[str, bytes]:
         body["manifest_base64"] = base64.b64encode(raw).decode()
         manifest = {}
     attempt = manifest.get("attempt")
-    tag = attempt if isinstance(attempt, str) and len(attempt) == 12 and _is_hex(attempt) else new_attempt_id()
+    if not (isinstance(attempt, str) and len(attempt) == 12 and _is_hex(attempt)):
+        # Unparseable: a tag from the bytes themselves, so a retry after a crash
+        # finds the same record instead of adding a second one.
+        attempt = hashlib.sha256(raw).hexdigest()[:12]
+    tag = attempt
     return tag, json.dumps(body, indent=2).encode()
 
 

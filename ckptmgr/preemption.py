@@ -69,7 +69,9 @@ class SigtermGuard:
         self._installed = False
         _active = None
         previous = self._previous
-        signal.signal(signal.SIGTERM, previous)
+        # None: installed outside Python (not restorable); the default action is
+        # the nearest thing, and it never swallows the signal.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if not _received.is_set():
             return
         _received.clear()

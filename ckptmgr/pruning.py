@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from ckptmgr.history import SupersededCheckpoint
+from ckptmgr.io.layout import archive_name
 from ckptmgr.io.manifest import Manifest, now_utc
 from ckptmgr.retention import CheckpointInfo, RetentionDecision, RetentionPolicy, check_grace
 
@@ -62,7 +63,7 @@ class Pruning:
         if dry_run:
             return PruneReport(decision, (), True, newest)
         doomed = [s for s in decision.delete if s < newest and s not in protect]  # never the newest
-        archives = self.storage.archives() if doomed else []
+        archives = self._deletable_archives() if doomed else []
         for step in doomed:
             self.lease.check(f"pruning step {step}")
             self.storage.delete(step, archives)
@@ -88,6 +89,13 @@ class Pruning:
         """Delete every superseded step and its archive; return them."""
         live = {m.step: m.archive for m in self.manifests()}
         return self._history.delete(live)
+
+    def _deletable_archives(self):
+        """Every archive in the root but those superseded records keep: a step
+        written afresh after a fallback has the old attempt's archive beside
+        its own, and only ``delete_superseded`` may remove that one."""
+        kept = self._history.kept_archives()
+        return [a for a in self.storage.archives() if archive_name(a.step, a.attempt) not in kept]
 
     def sweep(self, older_than_s: float | None = None) -> list[str]:
         """Remove leftovers of interrupted writes; return their URLs.

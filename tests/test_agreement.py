@@ -58,3 +58,29 @@ def test_a_rank_that_never_votes_stops_the_restore_naming_it():
         t.join(10)
     assert sorted(errors) == [0, 1]
     assert all("ranks [2] did not verify their share of step 7" in str(e) for e in errors.values())
+
+
+def test_a_step_written_afresh_is_not_judged_by_the_old_attempts_verdict(tmp_path):
+    """Review finding: the detached coordinator remembered 'step 10 is corrupt'
+    after step 10 was superseded and written again, so the next job restored
+    step 9 and moved the good step 10 aside."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from writer_worker import snapshot
+
+    from ckptmgr.coordinator import Coordinator, CoordinatorOptions
+
+    coordinator = Coordinator(CoordinatorOptions(directory=str(tmp_path / "run"), world_size=1))
+    try:
+        manager = coordinator.manager
+        for step in (9, 10):
+            manager.write_snapshot(step, snapshot(step))
+        assert coordinator.restore_vote(10, 0, "chunk 3 of 9 is corrupt", 5.0) == "rank 0: chunk 3 of 9 is corrupt"
+        assert coordinator.restore_step() == 9
+        coordinator.supersede_after(9, "training resumed from step 9")
+        manager.write_snapshot(10, snapshot(10))
+        assert coordinator.restore_step() == 10  # the next job: the new attempt of step 10
+    finally:
+        coordinator.shutdown()

@@ -92,3 +92,23 @@ def test_split_ranges_respects_the_minimum_part():
         assert split_ranges(plan, 64, align=MiB, min_bytes=3 * MiB) == [(0, 3 * MiB), (3 * MiB, size)]
         assert split_ranges(plan, 3, align=MiB, min_bytes=MiB) == [(0, 3 * MiB), (3 * MiB, 6 * MiB), (6 * MiB, size)]
         assert split_ranges(plan, 1, align=MiB, min_bytes=MiB) == [(0, size)]
+
+
+def test_large_big_endian_arrays_keep_their_values(tmp_path):
+    """Review finding: a large '>f4' array was declared big-endian in the HDF5
+    file while its native (little-endian) bytes were written: it verified and
+    loaded byte-swapped."""
+    import h5py
+
+    from ckptmgr import CheckpointManager
+
+    values = np.arange(40_000, dtype="float32").reshape(200, 200)
+    snapshot = ModelSnapshot("{}", '{"keras_version": "3.15.1"}',
+                             [VarGroup("layers/dense/vars", {}, [("0", values.astype(">f4"))])])
+    manager = CheckpointManager(tmp_path / "ck")
+    manager.write_snapshot(1, snapshot)
+    assert manager.verify(1)[0].ok
+    with zipfile.ZipFile(manager.local_archive_path(1)) as zf:
+        zf.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as f:
+        np.testing.assert_array_equal(f["layers/dense/vars/0"][...], values)

@@ -210,3 +210,39 @@ def test_cli_lists_and_prunes_superseded_steps(tmp_path):
     assert done.returncode == 0 and "delete superseded step 2" in done.stdout
     assert manager.superseded() == [] and manager.steps() == [1]
     assert [a.step for a in manager.storage.archives()] == [1]
+
+
+def test_pruning_a_step_written_afresh_keeps_the_superseded_archive_of_that_step(tmp_path):
+    """Review finding: retention deleted every archive of a pruned step number,
+    the superseded attempt's included, while list still showed it."""
+    from ckptmgr.retention import RetentionPolicy
+
+    manager = CheckpointManager(tmp_path / "run")
+    old = {s: manager.write_snapshot(s, snapshot(s)).archive for s in (1, 2, 3)}
+    manager.supersede_after(1, "test")
+    for step in (2, 3, 4):
+        manager.write_snapshot(step, snapshot(step))
+    report = manager.prune(retention=RetentionPolicy.from_options(keep_last=1))
+    assert report.deleted == (1, 2, 3)
+    assert {s.step: s.archive for s in manager.superseded()} == {2: old[2], 3: old[3]}
+    assert all((tmp_path / "run" / old[s]).exists() for s in (2, 3))
+    assert not (tmp_path / "run" / old[1]).exists()
+    assert manager.verify() and all(r.ok for r in manager.verify())
+
+
+def test_an_unparseable_manifest_moved_aside_twice_makes_one_record(tmp_path):
+    """Review finding: a random tag for an unparseable manifest meant a retry
+    after a crash (record made, manifest not yet removed) added a second record."""
+    manager = CheckpointManager(tmp_path / "run")
+    for step in (1, 2):
+        manager.write_snapshot(step, snapshot(step))
+    (tmp_path / "run" / "ckpt-000000002.json").write_bytes(b"\x00garbage, not JSON")
+    from ckptmgr.history import _record
+
+    raw = (tmp_path / "run" / "ckpt-000000002.json").read_bytes()
+    tag, _ = _record(2, raw, "x")
+    manager.storage.supersede(2, tag, b"{}")  # the crashed attempt's record...
+    (tmp_path / "run" / "ckpt-000000002.json").write_bytes(raw)  # ...and its manifest still there
+    assert manager.supersede_after(1, "retry") == [2]
+    assert [(s.step, s.tag) for s in manager.superseded()] == [(2, tag)]
+    assert manager.steps() == [1]

@@ -176,3 +176,21 @@ def test_the_summary_of_a_preempted_run_never_says_it_finished(monkeypatch, caps
         assert json.loads(out)["resumed_from"] == {"step": 4, "tier": "storage"}
     else:
         assert "stopped by preemption in this process at step 7" in out and "trained" not in out
+
+
+def test_a_handler_not_installed_from_python_is_replaced_by_the_default(monkeypatch):
+    """Review finding: getsignal() returns None for a handler installed outside
+    Python, and signal.signal(SIGTERM, None) raised TypeError in on_train_end."""
+    from ckptmgr import preemption
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(preemption.signal, "getsignal", lambda signum: None)
+    guard = preemption.SigtermGuard()
+    try:
+        assert guard.install()
+        guard.release()
+        assert before is not None
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)

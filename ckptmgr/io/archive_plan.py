@@ -256,7 +256,9 @@ def _create_skeleton(path: str, snapshot: ModelSnapshot) -> list[tuple[str, tupl
                     data = np.concatenate([native(p) for p in array.parts]) if isinstance(array, RowShards) else native(array)
                     dataset = g.create_dataset(key, data=data)
                 else:
-                    dataset = g.create_dataset(key, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
+                    # The bytes written come from native(array): declare the native byte order.
+                    dtype = np.dtype(array.dtype).newbyteorder("=")
+                    dataset = g.create_dataset(key, shape=array.shape, dtype=dtype, dcpl=dcpl)
                     datasets.append((f"{group.path}/{key}", (gi, ai), array.nbytes))
                 if np.dtype(array.dtype).name == "bfloat16":
                     # What Keras's H5IOStore does: HDF5 has no bfloat16, so the

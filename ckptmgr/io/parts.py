@@ -141,7 +141,9 @@ class ParallelParts:
         path = self._assembling(name)
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
-            os.pwrite(fd, tail, tail_offset)
+            written = 0
+            while written < len(tail):  # pwrite may write less than asked
+                written += os.pwrite(fd, tail[written:], tail_offset + written)
             os.fsync(fd)
         finally:
             os.close(fd)
