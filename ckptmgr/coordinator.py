@@ -292,22 +292,27 @@ class Coordinator:
         the recorded size, and no rank found it corrupt. The archive is not
         read here: the ranks verify it, a share each (:meth:`restore_vote`)."""
         for step in reversed(self.manager.steps()):
-            if self._attempt(step) in self._bad:
+            manifest = self._manifest_or_none(step)
+            if (step, manifest.attempt if manifest else None) in self._bad:
                 continue
-            problem = self.manager.quick_check(step)
+            problem = self.manager.quick_check(step, manifest)
             if problem is None:
                 return step
             log.warning("%s; falling back to an older checkpoint", problem)
         return None
 
+    def _manifest_or_none(self, step: int):
+        try:
+            return self.manager.manifest(step)
+        except Exception:  # noqa: BLE001 - unreadable or gone: quick_check says why
+            return None
+
     def _attempt(self, step: int) -> tuple[int, str | None]:
         """``step`` and the write attempt its manifest names: a verdict on a
         step never outlives the step (written afresh after a fallback, it is
         another attempt)."""
-        try:
-            return step, self.manager.manifest(step).attempt
-        except Exception:  # noqa: BLE001 - unreadable or gone: judged by quick_check
-            return step, None
+        manifest = self._manifest_or_none(step)
+        return step, manifest.attempt if manifest else None
 
     def restore_vote(self, step: int, rank: int, problem: str | None, timeout_s: float) -> str | None:
         """Barrier of a distributed restore: every rank's verdict on its share

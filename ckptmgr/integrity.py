@@ -32,7 +32,7 @@ from ckptmgr.errors import (
 )
 from ckptmgr.io.archive import check_layout
 from ckptmgr.io.layout import archive_name
-from ckptmgr.io.checksums import ChunkedCrc32c, crc32c
+from ckptmgr.io.checksums import StreamDigest, crc32c
 from ckptmgr.io.manifest import FileEntry, Manifest
 from ckptmgr.io.storage import Storage
 
@@ -88,17 +88,7 @@ class Verifier:
         then, with ``members``, check its members (local files only: remote
         ones are checked after download, see :meth:`verified_archive`)."""
         step, name, entry = manifest.step, manifest.archive, manifest.archive_entry
-        try:
-            size = self.storage.file_size(name)
-        except CheckpointNotFoundError:
-            raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
-        except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"step {step}: {exc}") from None
-        if size != entry.bytes:
-            raise CorruptCheckpointError(
-                f"step {step}: {name} is truncated or altered "
-                f"({size} bytes, manifest says {entry.bytes})"
-            )
+        self.check_size(manifest)
         check = ArchiveCheck(entry)
         for chunk in self.storage.iter_archive_chunks(name):
             check.update(chunk)
@@ -149,17 +139,18 @@ class Verifier:
         if recorded)."""
         entry = manifest.archive_entry
         self.check_size(manifest)
-        check = ArchiveCheck(entry) if entry.sha256 is not None else None
+        sha = hashlib.sha256() if entry.sha256 is not None else None  # chunks: checked as read
         for batch in _batches(range(len(entry.crc32c)), _CHUNKS_AT_ONCE):
-            for index, data in zip(batch, self._read_chunks(manifest, batch)):
-                if check is not None:
-                    check.update(data)
+            for data in self._read_chunks(manifest, batch):
+                if sha is not None:
+                    sha.update(data)
                 sink.write(data)
                 if progress is not None:
                     progress(len(data), entry.bytes)
-        problem = check.problem() if check is not None else None
-        if problem is not None:
-            raise CorruptCheckpointError(f"step {manifest.step}: {manifest.archive} is corrupt ({problem})")
+        if sha is not None and sha.hexdigest() != entry.sha256:
+            raise CorruptCheckpointError(
+                f"step {manifest.step}: {manifest.archive} is corrupt (sha256 {sha.hexdigest()[:12]}..., "
+                f"manifest says {entry.sha256[:12]}...)")
 
     def _read_chunks(self, manifest: Manifest, indices: list[int]) -> list[bytes]:
         """Chunks ``indices`` of the archive, each checked against its CRC32C."""
@@ -191,6 +182,8 @@ class Verifier:
             size = self.storage.file_size(name)
         except CheckpointNotFoundError:
             raise CorruptCheckpointError(f"step {step}: {name} is missing") from None
+        except CorruptCheckpointError as exc:  # not a regular file
+            raise CorruptCheckpointError(f"step {step}: {exc}") from None
         if size != entry.bytes:
             raise CorruptCheckpointError(
                 f"step {step}: {name} is truncated or altered ({size} bytes, manifest says {entry.bytes})")
@@ -281,27 +274,23 @@ class ArchiveCheck:
 
     def __init__(self, entry: FileEntry):
         self._entry = entry
-        self._chunks = ChunkedCrc32c(entry.chunk_bytes) if entry.crc32c is not None else None
-        self._sha = hashlib.sha256() if entry.sha256 is not None else None
+        self._digest = StreamDigest("sha256" if entry.sha256 is not None else "crc32c", entry.chunk_bytes)
 
     def update(self, data) -> None:
-        if self._chunks is not None:
-            self._chunks.update(data)
-        if self._sha is not None:
-            self._sha.update(data)
+        self._digest.update(data)
 
     def problem(self) -> str | None:
         """None if all match; else what differs, naming the first bad chunk."""
         entry = self._entry
-        if self._chunks is not None:
-            got = self._chunks.finish()
+        got, sha256 = self._digest.result()
+        if entry.crc32c is not None:
             for index, (have, want) in enumerate(zip(got, entry.crc32c)):
                 if have != want:
                     return chunk_problem(entry, index, have)
             if len(got) != len(entry.crc32c):
                 return f"{len(got)} chunks, manifest says {len(entry.crc32c)}"
-        if self._sha is not None and self._sha.hexdigest() != entry.sha256:
-            return f"sha256 {self._sha.hexdigest()[:12]}..., manifest says {entry.sha256[:12]}..."
+        if entry.sha256 is not None and sha256 != entry.sha256:
+            return f"sha256 {sha256[:12]}..., manifest says {entry.sha256[:12]}..."
         return None
 
 

@@ -362,11 +362,12 @@ class CheckpointManager(Pruning, Exporting):
         return self._verifier.first_good(candidates, use, explicit=step is not None, overlap=overlap,
                                          verify=verify or step is None)
 
-    def quick_check(self, step: int) -> str | None:
-        """The manifest reads and the archive has the size it records (the
-        archive itself is not read); the problem in one line, or None."""
+    def quick_check(self, step: int, manifest: Manifest | None = None) -> str | None:
+        """The manifest reads (pass it if already read) and the archive has
+        the size it records (the archive itself is not read); the problem in
+        one line, or None."""
         try:
-            self._verifier.check_size(self._read_manifest(step))
+            self._verifier.check_size(manifest or self._read_manifest(step))
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
             return one_line(exc, step)
         return None

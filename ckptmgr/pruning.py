@@ -9,6 +9,7 @@ orphan, and a writer checks its lease before deleting anything.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -63,13 +64,14 @@ class Pruning:
         if dry_run:
             return PruneReport(decision, (), True, newest)
         doomed = [s for s in decision.delete if s < newest and s not in protect]  # never the newest
-        archives = self._deletable_archives() if doomed else []
+        kept = functools.cache(self._history.kept_archives)  # one read of superseded/ per prune
+        archives = self._deletable_archives(kept()) if doomed else []
         for step in doomed:
             self.lease.check(f"pruning step {step}")
             self.storage.delete(step, archives)
         if doomed:
             log.info("pruned steps %s", short_list(doomed))
-        self._sweep(self.sweep_grace_s, manifests)
+        self._sweep(self.sweep_grace_s, manifests, kept)
         return PruneReport(decision, tuple(doomed), False, newest)
 
     # -- one run's history (see ckptmgr.history) ---------------------------------
@@ -90,11 +92,10 @@ class Pruning:
         live = {m.step: m.archive for m in self.manifests()}
         return self._history.delete(live)
 
-    def _deletable_archives(self):
-        """Every archive in the root but those superseded records keep: a step
-        written afresh after a fallback has the old attempt's archive beside
-        its own, and only ``delete_superseded`` may remove that one."""
-        kept = self._history.kept_archives()
+    def _deletable_archives(self, kept: set[str]):
+        """Every archive in the root but ``kept`` (those superseded records
+        keep): a step written afresh after a fallback has the old attempt's
+        archive beside its own, and only ``delete_superseded`` may remove it."""
         return [a for a in self.storage.archives() if archive_name(a.step, a.attempt) not in kept]
 
     def sweep(self, older_than_s: float | None = None) -> list[str]:
@@ -107,11 +108,11 @@ class Pruning:
         grace = self.sweep_grace_s if older_than_s is None else check_grace(older_than_s, "older_than_s")
         return self._sweep(grace, self.manifests())
 
-    def _sweep(self, grace: float, manifests: list[Manifest]) -> list[str]:
+    def _sweep(self, grace: float, manifests: list[Manifest], kept=None) -> list[str]:
         """``manifests`` must have been read before the sweep lists the root."""
         self.lease.check("sweeping leftovers")
         claimed = {m.step: m.archive for m in manifests}
-        return self.storage.sweep(grace, claimed, self._history.kept_archives)
+        return self.storage.sweep(grace, claimed, kept or self._history.kept_archives)
 
     def leftovers(self, older_than_s: float | None = None) -> list[str]:
         """What :meth:`sweep` would remove now (names relative to the directory)."""

@@ -89,7 +89,7 @@ def write_assigned_range(storage, snapshot: ModelSnapshot, assignment: RangeAssi
 
 
 def assemble(storage, name: str, plan: ArchivePlan, results: list[RangeResult],
-             chunk_bytes: int, assignments: list[RangeAssignment] | None = None) -> tuple[int, list[str]]:
+             chunk_bytes: int, assignments: list[RangeAssignment]) -> tuple[int, list[str]]:
     """Coordinator side: the tail, the archive, and its chunk CRC32Cs.
 
     Returns (archive size, chunk CRC32Cs as hex). Raises if a range is missing
@@ -98,7 +98,7 @@ def assemble(storage, name: str, plan: ArchivePlan, results: list[RangeResult],
     results = sorted(results, key=lambda r: r.index)
     if [r.index for r in results] != list(range(len(results))):
         raise DistributedSaveError(f"{name}: ranges {[r.index for r in results]} arrived; some are missing")
-    short = [r.index for r, a in zip(results, assignments or []) if r.bytes != a.end - a.start]
+    short = [r.index for r, a in zip(results, assignments) if r.bytes != a.end - a.start]
     if short or sum(r.bytes for r in results) != plan.prefix_end or any(r.partial_bytes for r in results[:-1]):
         raise DistributedSaveError(f"{name}: the ranges written do not cover the archive as planned"
                                    + (f" (ranges {short} have another length)" if short else ""))
