@@ -198,10 +198,15 @@ class CheckpointCallback(keras.callbacks.Callback):
         # The optimizer's count restarts at 0 after a recompile; ours does not.
         self._global_step = max(_optimizer_iterations(self.model), previous)
         newest = self.manager.latest_step()
+        if newest is not None and not (self.restore_on_begin or self.new_run or self._started):
+            raise self._fresh_run_refused(newest)  # before claiming: a refused launch fences no one
+        if isinstance(self.manager, CheckpointManager) and self.manager.lease.held is None:
+            # Fence an earlier writer still running here *before* reading where to
+            # continue, so nothing it commits afterwards is taken for this run's history.
+            self.manager.claim()
+            newest = self.manager.latest_step()
         if self.restore_on_begin and newest is not None:
             self._restore()
-        if isinstance(self.manager, CheckpointManager) and self.manager.lease.held is None:
-            self.manager.claim()  # an earlier run still writing here is fenced from now on
         self._settle_history(newest)
         self._started = True
         if hasattr(self.manager, "prepare"):
@@ -230,8 +235,8 @@ class CheckpointCallback(keras.callbacks.Callback):
     def _settle_history(self, newest: int | None) -> None:
         """One directory, one run's history (see :mod:`ckptmgr.history`): steps
         newer than the one training continues from are moved aside before
-        training writes those step numbers again; a fresh run over another
-        run's checkpoints is refused unless ``new_run``."""
+        training writes those step numbers again (a fresh run over another run's
+        checkpoints was refused before, unless ``new_run``)."""
         if newest is None:
             return
         if self.restored_step is not None:
@@ -240,12 +245,13 @@ class CheckpointCallback(keras.callbacks.Callback):
                     self.restored_step, f"training resumed from step {self.restored_step}")
         elif self.new_run:
             self.manager.supersede_after(None, "a new run started here (new_run=True)")
-        elif not self._started:
-            raise ConfigError(
-                f"{self.manager.directory} already holds checkpoints (newest: step {newest}) "
-                "and restore=False. Pass restore=True to continue that run, new_run=True "
-                "to start a new one (the old steps are moved to superseded/), or use a new directory."
-            )
+
+    def _fresh_run_refused(self, newest: int) -> ConfigError:
+        return ConfigError(
+            f"{self.manager.directory} already holds checkpoints (newest: step {newest}) "
+            "and restore=False. Pass restore=True to continue that run, new_run=True "
+            "to start a new one (the old steps are moved to superseded/), or use a new directory."
+        )
 
     def _resume_position(self, loop: LoopState) -> tuple[int, int]:
         """Where to continue. A batch save on an epoch's last batch leaves nothing

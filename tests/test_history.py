@@ -246,3 +246,35 @@ def test_an_unparseable_manifest_moved_aside_twice_makes_one_record(tmp_path):
     assert manager.supersede_after(1, "retry") == [2]
     assert [(s.step, s.tag) for s in manager.superseded()] == [(2, tag)]
     assert manager.steps() == [1]
+
+
+def test_a_restarted_run_fences_the_old_writer_before_reading_where_to_continue(tmp_path):
+    """Found trying two processes on one directory: the new run read the newest
+    step, then claimed the lease; the old writer's commits in between became
+    part of the new run's history. Now nothing the old writer commits after
+    the new run looked is accepted."""
+    from ckptmgr.errors import WriterFencedError
+
+    zombie_model = _model()
+    old = CheckpointManager(tmp_path / "run")
+    for step in (2, 4):
+        old.save(step, zombie_model)
+    callback = CheckpointCallback(tmp_path / "run", save_freq=4)
+    real_restore = callback.manager.restore
+    attempts = []
+
+    def restore_while_the_old_writer_saves(model, step=None):
+        try:
+            old.save(6, zombie_model)  # the old writer's next save, mid-restore
+            attempts.append("committed")
+        except WriterFencedError:
+            attempts.append("fenced")
+        return real_restore(model, step)
+
+    callback.manager.restore = restore_while_the_old_writer_saves
+    model = _model()
+    x, y = _data()
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+    assert attempts == ["fenced"]
+    assert callback.restored_step == 4
+    assert 6 not in [m.step for m in CheckpointManager(tmp_path / "run").manifests() if m.writer.token == 1]
