@@ -2,17 +2,32 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
 
-.PHONY: install run resume test test-fast bench bench-quick clean
+# Keras's backend: the small CPU-only TensorFlow wheel where it exists (Linux
+# x86_64, Windows), the standard wheel elsewhere (macOS, ARM). Override with
+# `make run TF_EXTRA=tensorflow` for the GPU build.
+TF_EXTRA ?= $(if $(filter x86_64 AMD64,$(shell uname -m)),tensorflow-cpu,tensorflow)
+# `make run` installs what the example job needs; `make test` adds the storage
+# backends the suite starts emulators for, the test tools and the benchmark.
+RUN_EXTRAS  := $(TF_EXTRA),ray
+TEST_EXTRAS := $(TF_EXTRA),ray,gcs,s3,test,bench
 
-install: $(STAMP)
+.PHONY: install install-test run resume test test-fast bench bench-quick clean
 
-$(STAMP): pyproject.toml
+install: $(VENV)/.installed-run
+install-test: $(VENV)/.installed-test
+
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test,bench]"
-	touch $(STAMP)
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[$(RUN_EXTRAS)]"
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[$(TEST_EXTRAS)]"
+	touch $@ $(VENV)/.installed-run
 
 # The main job: example training with checkpointing, embedded default config.
 run: install
@@ -22,16 +37,16 @@ resume: install
 	$(BIN)/ckptmgr resume configs/local.yaml
 
 # The whole test suite (CI runs exactly this through .ci/run).
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install-test
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: install
+bench: install-test
 	$(BIN)/python -m bench
 
-bench-quick: install
+bench-quick: install-test
 	$(BIN)/python -m bench --quick
 
 clean:

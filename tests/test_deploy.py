@@ -10,8 +10,8 @@ Fast and offline: no Docker, no Kubernetes, no cloud. Checks that
 - the Ray cluster-launcher YAML is a GCP config with Spot GPU workers that Ray's
   own schema accepts, and its commands and mounts point at files that exist;
 - the Dockerfile's base image is pinned, its COPY sources exist and are in the
-  build context, it installs the package with GPU TensorFlow, and its WORKDIR is
-  the directory the YAMLs use;
+  build context, it installs the package with its GPU extras from pyproject.toml
+  as it is (no rewriting), and its WORKDIR is the directory the YAMLs use;
 - one image tag (the package version) is used everywhere and documented;
 - the ``ckptmgr`` subcommands the deploy files run exist in the CLI;
 - deploy/forward-sigterm.sh signals exactly the training processes and waits.
@@ -19,7 +19,6 @@ Fast and offline: no Docker, no Kubernetes, no cloud. Checks that
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -524,7 +523,7 @@ def test_dockerfile_base_image_is_pinned():
 def test_dockerfile_base_ray_version_is_allowed_by_pyproject():
     specifiers = pytest.importorskip("packaging.specifiers")
     version = re.match(r"\d+\.\d+\.\d+", _base_image().rpartition(":")[2]).group(0)
-    deps = [d for d in _pyproject_deps() if re.match(r"ray[\[\s<>=!~;]", d)]
+    deps = [d for d in _pyproject_extras()["ray"] if re.match(r"ray[\[\s<>=!~;]", d)]
     assert len(deps) == 1
     spec = re.sub(r"^ray(\[[^\]]*\])?", "", deps[0]).split(";")[0].strip()
     assert version in specifiers.SpecifierSet(spec), f"image Ray {version} is outside pyproject's {deps[0]}"
@@ -546,12 +545,66 @@ def test_dockerfile_copy_sources_exist_and_are_in_the_build_context():
             assert path not in ignore and f"{path}/" not in ignore
 
 
-def test_dockerfile_installs_the_package_with_gpu_tensorflow():
+def _pip_installs() -> list[list[str]]:
+    """The arguments of every `pip install` in the Dockerfile's RUN lines."""
+    installs = []
+    for run in _instr("RUN"):
+        lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        command: list[str] = []
+        for word in [*lexer, ";"]:
+            if word not in ("&&", "||", ";", "|"):
+                command.append(word)
+                continue
+            if command[:2] == ["pip", "install"] or command[1:4] == ["-m", "pip", "install"]:
+                installs.append(command[command.index("install") + 1:])
+            command = []
+    return installs
+
+
+def dockerfile_requirements() -> list[str]:
+    """What the Dockerfile asks pip for: the same requirement in every install."""
+    installs = _pip_installs()
+    assert installs, "the Dockerfile pip-installs nothing"
+    requirements = {tuple(w for w in args if not w.startswith("-")) for args in installs}
+    assert len(requirements) == 1, f"the installs ask for different things: {sorted(requirements)}"
+    return list(requirements.pop())
+
+
+def test_dockerfile_installs_the_package_with_its_extras_and_no_rewriting():
+    """`pip install ".[tensorflow,ray,gcs]"` from pyproject.toml as it is: no
+    generated requirements file, no --no-deps, no script between pyproject
+    and pip, and TensorFlow from the GPU-capable `tensorflow` extra."""
+    for args in _pip_installs():
+        assert not {"-r", "--requirement", "-c", "--constraint", "--no-deps"} & set(args), args
+    assert dockerfile_requirements() == [".[tensorflow,ray,gcs]"]
+    extras = _pyproject_extras()
+    for name in ("tensorflow", "ray", "gcs"):
+        assert name in extras, f"pyproject.toml has no [{name}] extra"
     runs = " && ".join(_instr("RUN"))
-    assert re.search(r"pip install [^&]*--no-deps [^&]*(?<=\s)\.(\s|$)", runs), "the package itself is not pip-installed"
-    assert "deploy/gpu_requirements.py" in runs and "deploy/gpu_requirements.py" in _copy_sources()
-    assert re.search(r"pip install [^&]*-r ", runs), "the dependency list is not installed"
+    assert not re.search(r"\bpython3? (?!-c)\S+\.py\b", runs), "a script runs during the build"
+    assert not [s for s in _copy_sources() if s.endswith(".py")], "a script is copied into the build"
     assert "ckptmgr --help" in runs, "smoke-test the console script in the image"
+    assert "import ckptmgr.cli, tensorflow" in runs, "check TensorFlow imports in the image"
+
+
+def test_tensorflow_extra_is_the_gpu_capable_wheel():
+    """The [tensorflow] extra names the standard `tensorflow` distribution
+    (with TensorFlow's CUDA libraries on Linux x86_64), never tensorflow-cpu;
+    the core dependencies name no backend at all."""
+    requirements = pytest.importorskip("packaging.requirements")
+    extras = _pyproject_extras()
+    core = [requirements.Requirement(d).name for d in _pyproject_deps()]
+    assert not {"tensorflow", "tensorflow-cpu", "ray", "gcsfs", "s3fs", "jax", "torch"} & set(core), core
+    tf = [requirements.Requirement(d) for d in extras["tensorflow"]]
+    assert {r.name for r in tf} == {"tensorflow"}
+    for env, cuda in (({"sys_platform": "linux", "platform_machine": "x86_64"}, True),
+                      ({"sys_platform": "linux", "platform_machine": "aarch64"}, False),
+                      ({"sys_platform": "darwin", "platform_machine": "arm64"}, False)):
+        chosen = [r for r in tf if r.marker is None or r.marker.evaluate(env)]
+        assert len(chosen) == 1, (env, [str(r) for r in tf])
+        assert ("and-cuda" in chosen[0].extras) is cuda, (env, str(chosen[0]))
+    assert {requirements.Requirement(d).name for d in extras["tensorflow-cpu"]} == {"tensorflow-cpu"}
 
 
 def test_dockerfile_workdir_is_where_the_yamls_look():
@@ -570,25 +623,20 @@ def test_dockerfile_leaves_the_entrypoint_to_ray():
     assert "ckptmgr" in cmd
 
 
-def _pyproject_deps() -> list[str]:
+def _pyproject() -> dict:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
-    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 
 
-def test_gpu_requirements_swap_only_tensorflow():
-    spec = importlib.util.spec_from_file_location("gpu_requirements", DEPLOY / "gpu_requirements.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    deps = _pyproject_deps()
-    gpu = module.gpu_requirements(ROOT / "pyproject.toml")
-    assert not any(r.lower().startswith("tensorflow-cpu") for r in gpu)
-    cpu = [d for d in deps if d.lower().startswith("tensorflow-cpu")]
-    assert len(cpu) == 1
-    # Same version range and marker, other dependencies untouched and in order.
-    assert gpu == [("tensorflow[and-cuda]" + d[len("tensorflow-cpu"):]) if d in cpu else d for d in deps]
+def _pyproject_deps() -> list[str]:
+    return _pyproject()["dependencies"]
+
+
+def _pyproject_extras() -> dict[str, list[str]]:
+    return _pyproject()["optional-dependencies"]
 
 
 # -- one image, one tag, documented ----------------------------------------------------------------
