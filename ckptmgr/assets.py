@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ckptmgr import keras_compat
 from ckptmgr.errors import UnsupportedModelError
 from ckptmgr.io.archive import extract_assets
 
@@ -28,7 +29,7 @@ from ckptmgr.io.archive import extract_assets
 @functools.lru_cache(maxsize=None)
 def asset_recorder_class():
     """Keras's asset store type, recording instead of keeping files (worker side)."""
-    from keras.src.saving import saving_lib
+    saving_lib = keras_compat.saving_lib()
 
     class AssetRecorder(saving_lib.DiskIOStore):
         """Notes ``(inner_path, saveable)`` for each ``save_assets`` call.
@@ -109,7 +110,7 @@ def assets_store(archive) -> Iterator[Any]:
     if archive is None:
         yield None
         return
-    from keras.src.saving import saving_lib
+    saving_lib = keras_compat.saving_lib()
 
     with tempfile.TemporaryDirectory(prefix="ckptmgr-assets-") as root:
         if not extract_assets(archive, root):

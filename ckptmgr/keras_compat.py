@@ -1,4 +1,44 @@
-"""Compatibility fix: Keras 3 ``fit()`` under multi-worker ``MultiWorkerMirroredStrategy``.
+"""Every private Keras API ckptmgr relies on, in one module.
+
+Keras's public API has no way to walk a model's state the way ``model.save``
+does, nor to read it back from an open HDF5 file, so ckptmgr uses a few
+private parts of ``keras.src``. They are imported here and nowhere else
+(``ckptmgr/state.py`` and ``ckptmgr/assets.py`` call the accessors below), and
+``tests/test_keras_private.py`` has one test per assumption, each failing with
+the installed Keras version in its message when a Keras release changes it:
+
+- ``saving.saving_lib._save_state`` walks a model as ``model.save`` does,
+  calling ``weights_store.make(path, metadata)`` right before
+  ``saveable.save_own_variables`` and ``assets_store.make(path)`` right before
+  ``saveable.save_assets``, with the saveable in a local named ``saveable``.
+- ``saving.saving_lib._load_state`` reads it back and collects failures
+  (``failed_saveables``, ``error_msgs``) instead of raising.
+- ``saving.saving_lib.H5IOStore`` is the weights store; its ``__init__`` sets
+  no attribute outside :data:`H5IOSTORE_ATTRIBUTES`, so a store over an
+  already open ``h5py.File`` can be made by setting those.
+- ``saving.saving_lib.DiskIOStore`` is the assets store:
+  ``DiskIOStore(root, mode="r")``.
+- ``backend.common.variables.Variable`` is the base class of every variable.
+- ``optimizers.base_optimizer.BaseOptimizer`` is the base of every optimizer;
+  its ``save_own_variables`` stores ``variables[i]`` under the key ``"i"``.
+- ``saving.serialization_lib.ObjectSharingScope`` around
+  ``serialize_keras_object(model)`` gives the ``config.json`` ``model.save``
+  writes.
+- ``random.seed_generator.global_seed_generator()`` is the global RNG; its
+  ``state`` is a variable.
+- ``backend.tensorflow.trainer`` and ``tree.map_structure``: the multi-worker
+  ``fit()`` fix below.
+
+Two private *attributes* are used outside this module and tested the same way:
+``Layer._flatten_layers`` and ``Layer._seed_generators`` (``ckptmgr/state.py``).
+
+Each accessor raises :class:`~ckptmgr.errors.UnsupportedModelError` naming the
+Keras version when what it needs is gone. No accessor imports Keras until it is
+called: importing this module costs nothing (the coordinator never imports
+Keras).
+
+Fix: Keras 3 ``fit()`` under multi-worker ``MultiWorkerMirroredStrategy``
+======================================================================
 
 Why
 ---
@@ -65,7 +105,15 @@ import threading
 from typing import Any, Callable
 
 __all__ = [
+    "H5IOSTORE_ATTRIBUTES",
     "apply_multiworker_fit_patch",
+    "base_optimizer_class",
+    "global_seed_generator_function",
+    "keras_version",
+    "object_sharing_scope",
+    "saving_lib",
+    "tree",
+    "variable_class",
     "multiworker_fit_patch_applied",
     "multiworker_fit_patch_needed",
     "remove_multiworker_fit_patch",
@@ -88,6 +136,84 @@ _SCALAR_REDUCE_BUG = re.compile(r"strategy\.reduce\(\s*\"MEAN\"\s*,\s*v\s*,\s*ax
 
 
 # --------------------------------------------------------------------------
+# Private Keras APIs (see the table in the module docstring)
+# --------------------------------------------------------------------------
+
+# The Keras releases these assumptions were tested with (see README, "Installing").
+TESTED_KERAS = "3.8 to 3.15"
+
+# Every attribute ``saving_lib.H5IOStore.__init__`` may set, across the tested
+# releases. The store ckptmgr/state.py makes over an already open h5py.File
+# sets all of them but the path (``root_path`` in older releases, then
+# ``path_or_io``), which only opening and closing the file use.
+H5IOSTORE_ATTRIBUTES = frozenset({
+    "root_path", "path_or_io", "mode", "archive", "io_file", "h5_file",
+    "_h5_entry_path", "_h5_entry_group", "_h5_entry_metadata", "_h5_entry_initialized",
+})
+SAVING_LIB_NAMES = ("_save_state", "_load_state", "H5IOStore", "DiskIOStore")
+
+
+def keras_version() -> str:
+    import keras
+
+    return keras.__version__
+
+
+def _private(module: str, *names: str):
+    """``keras.src.<module>`` with ``names`` checked, or one clear error."""
+    import importlib
+
+    from ckptmgr.errors import UnsupportedModelError
+
+    try:
+        mod = importlib.import_module(f"keras.src.{module}")
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            f"Keras {keras_version()} has no keras.src.{module}, which ckptmgr relies on "
+            f"(tested with Keras {TESTED_KERAS}; see ckptmgr/keras_compat.py): {exc}"
+        ) from exc
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        raise UnsupportedModelError(
+            f"Keras {keras_version()}: keras.src.{module} has no {', '.join(missing)}, which "
+            f"ckptmgr relies on (tested with Keras {TESTED_KERAS}; see ckptmgr/keras_compat.py)."
+        )
+    return mod
+
+
+def saving_lib():
+    """``keras.src.saving.saving_lib`` (``_save_state``, ``_load_state``,
+    ``H5IOStore``, ``DiskIOStore``)."""
+    return _private("saving.saving_lib", *SAVING_LIB_NAMES)
+
+
+def variable_class() -> type:
+    """The base class of every Keras variable, on any backend."""
+    return _private("backend.common.variables", "Variable").Variable
+
+
+def base_optimizer_class() -> type:
+    """The base class of every Keras optimizer (``LossScaleOptimizer`` too)."""
+    return _private("optimizers.base_optimizer", "BaseOptimizer").BaseOptimizer
+
+
+def object_sharing_scope():
+    """A new ``ObjectSharingScope``: serialize as ``model.save`` does."""
+    return _private("saving.serialization_lib", "ObjectSharingScope").ObjectSharingScope()
+
+
+def global_seed_generator_function():
+    """The function that returns Keras's global ``SeedGenerator`` (made on
+    first use), whose ``state`` unseeded ``keras.random`` calls advance."""
+    return _private("random.seed_generator", "global_seed_generator").global_seed_generator
+
+
+def tree():
+    """``keras.src.tree`` (``map_structure``)."""
+    return _private("tree", "map_structure")
+
+
+# --------------------------------------------------------------------------
 # Introspection helpers
 # --------------------------------------------------------------------------
 
@@ -100,9 +226,7 @@ def _trainer_module():
         return None
     if keras.backend.backend() != "tensorflow":
         return None
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    return tf_trainer
+    return _private("backend.tensorflow.trainer", "TensorFlowTrainer")
 
 
 def _unpatched(mod, name: str):
@@ -148,7 +272,8 @@ def _make_symbolic_build(mod, original: Callable) -> Callable:
     cross-worker ``strategy.reduce("MEAN", batch)``.
     """
     import tensorflow as tf
-    from keras.src import tree
+
+    keras_tree = tree()
 
     @functools.wraps(original)
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -167,7 +292,7 @@ def _make_symbolic_build(mod, original: Callable) -> Callable:
 
         # As in Keras: the TF epoch iterator yields (begin, end, iterator).
         for _, _, it in iterator:
-            data_batch = tree.map_structure(first_local, next(it))
+            data_batch = keras_tree.map_structure(first_local, next(it))
             break
         with strategy.scope():
             self._symbolic_build(data_batch=data_batch)
@@ -183,7 +308,7 @@ def _make_reduce_per_replica(mod, original: Callable) -> Callable:
     with ``axis=None``; every other value (and every other case) goes to the
     original function unchanged.
     """
-    from keras.src import tree
+    keras_tree = tree()
 
     @functools.wraps(original)
     def reduce_per_replica(values, strategy, reduction):
@@ -199,7 +324,7 @@ def _make_reduce_per_replica(mod, original: Callable) -> Callable:
                 return strategy.reduce("MEAN", v, axis=None)
             return original(v, strategy, reduction)
 
-        return tree.map_structure(_reduce, values)
+        return keras_tree.map_structure(_reduce, values)
 
     setattr(reduce_per_replica, _MARKER, True)
     return reduce_per_replica

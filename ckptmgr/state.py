@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ckptmgr import keras_compat
 from ckptmgr.assets import AssetPlan, asset_recorder_class, assets_store
 from ckptmgr.io.archive import ModelSnapshot, VarGroup
 from ckptmgr.errors import IncompatibleCheckpointError
@@ -68,20 +69,16 @@ class _PlannedGroup:
 
 
 def _is_variable(value) -> bool:
-    from keras.src.backend.common.variables import Variable
-
-    return isinstance(value, Variable)
+    return isinstance(value, keras_compat.variable_class())
 
 
 def _is_optimizer(obj) -> bool:
-    from keras.src.optimizers.base_optimizer import BaseOptimizer
-
-    return isinstance(obj, BaseOptimizer)
+    return isinstance(obj, keras_compat.base_optimizer_class())
 
 
 @functools.lru_cache(maxsize=None)
 def _recording_store_class():
-    from keras.src.saving import saving_lib
+    saving_lib = keras_compat.saving_lib()
 
     class RecordingStore(saving_lib.H5IOStore):
         """Looks like Keras's H5 store; remembers which variable goes where."""
@@ -139,7 +136,7 @@ class StatePlan:
 
     def __init__(self, model):
         keras = _keras()
-        from keras.src.saving import saving_lib
+        saving_lib = keras_compat.saving_lib()
 
         store = _recording_store_class()()
         with asset_recorder_class()() as assets:
@@ -287,9 +284,7 @@ def _host(value) -> np.ndarray:
 def model_config_json(model) -> str:
     """The ``config.json`` Keras writes: architecture, compile and build config."""
     keras = _keras()
-    from keras.src.saving.serialization_lib import ObjectSharingScope
-
-    with ObjectSharingScope():
+    with keras_compat.object_sharing_scope():
         return json.dumps(keras.saving.serialize_keras_object(model))
 
 
@@ -310,7 +305,7 @@ def apply_weights(model, h5file) -> None:
     """Load weights and optimizer state from an open ``model.weights.h5``, and
     assets (vocabularies) from the archive it was opened from, if any (see
     ``archive.open_weights``)."""
-    from keras.src.saving import saving_lib
+    saving_lib = keras_compat.saving_lib()
 
     class _OpenStore(saving_lib.H5IOStore):
         def __init__(self, h5):  # an already open h5py.File
@@ -402,8 +397,7 @@ class TrainingState:
 
 def _seed_states(model) -> list:
     keras = _keras()
-    from keras.src.random.seed_generator import global_seed_generator
-
+    global_seed_generator = keras_compat.global_seed_generator_function()
     states = []
     for layer in _all_layers(model):
         states += [sg.state for sg in getattr(layer, "_seed_generators", [])]
