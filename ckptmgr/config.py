@@ -40,6 +40,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
+class MemoryTierConfig(_Section):
+    """The memory tier (Ray runs): snapshots in host RAM on other nodes,
+    restored first when newer than storage (see ckptmgr.ray.keepers)."""
+
+    every_steps: int | None = Field(None, ge=1)  # None: off
+    replicas: int = Field(2, ge=1)  # nodes holding each snapshot
+
+
 class CheckpointConfig(_Section):
     """Where and how often to checkpoint, and what to keep."""
 
@@ -55,6 +63,7 @@ class CheckpointConfig(_Section):
     on_busy: Literal["newest", "wait", "skip"] = "newest"  # see ckptmgr.pipeline
     prune_interval_s: float = Field(60.0, gt=0)
     checksum: Literal["crc32c", "sha256"] = "crc32c"  # see ckptmgr.io.checksums
+    memory_tier: MemoryTierConfig = Field(default_factory=MemoryTierConfig)
 
     @field_validator("directory")
     @classmethod
@@ -146,6 +155,9 @@ class RayConfig(_Section):
     # Ranks write byte ranges of each archive (ckptmgr.ranged_write): "auto" on
     # gs:// and s3://; true also for a local path every node shares.
     parallel_write: Literal["auto"] | bool = "auto"
+    # After a preemption or a lost node, start the workers again (on the nodes
+    # left or new ones) from the newest tier, up to this many times.
+    max_restarts: int = Field(0, ge=0)
 
 
 class JobConfig(_Section):

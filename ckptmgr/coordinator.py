@@ -41,6 +41,10 @@ from ckptmgr.io.manifest import LoopState
 from ckptmgr.io.parts import parallel_kind_of
 from ckptmgr.pipeline import SavePipeline
 from ckptmgr.ranged_write import RangeAssignment, RangeResult, RangeRounds
+from ckptmgr.ray.drain import DrainNotice, DrainWatch
+from ckptmgr.ray.keepers import MemoryTier
+from ckptmgr.ray.memory_coordinator import MemoryTierMixin
+from ckptmgr.ray.metrics import RayMetrics
 
 log = logging.getLogger("ckptmgr")
 
@@ -68,6 +72,8 @@ class CoordinatorOptions:
     prune_interval_s: float = 60.0
     checksum: str = "crc32c"
     parallel_write: bool | str = "auto"  # see ranged_writes()
+    memory_replicas: int = 0  # memory tier: nodes holding each snapshot (0: off)
+    memory_retain: int = 2  # memory tier: newest snapshots each keeper holds
 
     def ranged_writes(self) -> bool:
         """Whether the ranks write byte ranges of each archive themselves
@@ -100,7 +106,7 @@ class Part:
     ranged: bool = False  # rank 0 sent a spec; every rank writes its own range
 
 
-class Coordinator:
+class Coordinator(MemoryTierMixin):
     """Ray actor body (threaded: waits and submissions run concurrently)."""
 
     def __init__(self, options: CoordinatorOptions):
@@ -115,18 +121,27 @@ class Coordinator:
         self._ranges = RangeRounds()
         self._votes = RestoreVotes(options.world_size)
         self._bad: set[tuple[int, str | None]] = set()  # (step, attempt) a rank found corrupt
+        self._bad_memory: set[tuple[int, str]] = set()  # (step, keeper) a rank found damaged
         # Claim the directory now: a coordinator of an earlier run (a zombie
         # after a preemption) is fenced from this moment, not at our first save.
         self.manager.claim()
         self._lock = threading.Condition()
         self._parts: dict[int, dict[int, Part]] = {}
         self._results: dict[int, Future] = {}
-        self._metrics = _RayMetrics(options.directory)
+        self._metrics = RayMetrics(options.directory)
         self._writer = SavePipeline(options.on_busy, name="ckptmgr-coordinator",  # type: ignore[arg-type]
                                     on_drop=self._metrics.count)
         self._prune_lock = threading.Lock()
         self._emergency: int | None = None
         self._stop = threading.Event()
+        self._tier = (MemoryTier(options.directory, replicas=options.memory_replicas,
+                                 retain=options.memory_retain, timeout_s=options.save_timeout_s)
+                      if options.memory_replicas > 0 else None)
+        # Memory snapshots are kept beside (not behind) persistent writes; newest wins.
+        self._keeping = SavePipeline("newest", name="ckptmgr-memory-tier")
+        self._rank_nodes: dict[int, str] = {}
+        self._notice: DrainNotice | None = None
+        self._drain = DrainWatch(lambda: set(self._rank_nodes.values()), self._on_drain_notice)
         for target in (self._timeout_loop, self._prune_loop):
             threading.Thread(target=target, daemon=True).start()
 
@@ -172,13 +187,16 @@ class Coordinator:
                 "nothing was written. Replicas diverged: check the strategy and seeds."
             ))
             return
-        future = self._writer.submit(
-            step, lambda: self._write(step, parts), may_drop=True, report=False,
+        memory = parts[0].extra.get("tier") == "memory"
+        pipeline, job = (self._keeping, self._keep) if memory else (self._writer, self._write)
+        future = pipeline.submit(
+            step, lambda: job(step, parts), may_drop=True, report=False,
             sticky=bool(parts[0].extra.get("emergency")),
             replaced=lambda by: {"replaced": True, "step": step, "by": by},
             skipped=lambda: {"skipped": True, "step": step},
         )
         future.add_done_callback(lambda f: _copy_outcome(f, result))
+        future.add_done_callback(lambda f: f.exception() is None or self._metrics.count("saves_failed"))
 
     # -- phase 2: commit --------------------------------------------------------
     def _write(self, step: int, parts: dict[int, Part]) -> dict:
@@ -211,7 +229,7 @@ class Coordinator:
         except BaseException:
             self._writer.give_back_counts(counts)
             raise
-        self._metrics.record(manifest.stats)
+        self._metrics.record(step, manifest.stats)
         return {"step": step, "manifest": manifest.model_dump(mode="json")}
 
     # -- ranged writes (see ckptmgr.ranged_write) --------------------------------
@@ -341,6 +359,8 @@ class Coordinator:
             for table in (self._results, self._parts):
                 for old in [s for s in table if step is None or s > step]:
                     del table[old]
+            # A notice and emergency step of an earlier session were acted on then.
+            self._emergency, self._notice = None, None
 
     def options_(self) -> CoordinatorOptions:
         return self.options
@@ -349,6 +369,11 @@ class Coordinator:
         import os
 
         return os.getpid()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def imports_tensorflow(self) -> bool:
         """True if this process has imported TensorFlow (it should not need to)."""
@@ -373,10 +398,16 @@ class Coordinator:
 
     def dropped_saves(self) -> dict[str, int]:
         """Steps replaced and skipped so far (also the Ray counters)."""
-        return dict(self._metrics.dropped)
+        return {kind: self._metrics.counts[f"saves_{kind}"] for kind in ("replaced", "skipped")}
+
+    def metric_counts(self) -> dict[str, int]:
+        """Every counter exported as a Ray metric (``ray_ckptmgr_*``), so far."""
+        return dict(self._metrics.counts)
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._drain.stop()
+        self._keeping.flush()
         self._writer.flush()
 
 
@@ -387,53 +418,10 @@ def _copy_outcome(source: Future, target: Future) -> None:
         target.set_result(source.result())
 
 
-class _RayMetrics:
-    """Save figures as Ray metrics, so the dashboard and Prometheus see them."""
-
-    def __init__(self, directory: str):
-        self._tags = {"run": str(directory)}
-        self.recorded = 0
-        self.dropped = {"replaced": 0, "skipped": 0}
-        try:
-            from ray.util import metrics
-        except ImportError:  # pragma: no cover - ray is a dependency
-            self._gauges, self._counters = {}, {}
-            return
-        self._counters = {
-            kind: metrics.Counter(f"ckptmgr_saves_{kind}", description=text, tag_keys=("run",))
-            for kind, text in {
-                "replaced": "saves replaced by a newer one before being written (on_busy=newest)",
-                "skipped": "saves skipped because the writer was busy (on_busy=skip)",
-            }.items()
-        }
-        self._gauges = {
-            name: metrics.Gauge(f"ckptmgr_{name}", description=text, tag_keys=("run",))
-            for name, text in {
-                "checkpoint_bytes": "bytes of the last committed checkpoint",
-                "blocked_seconds": "seconds training was blocked by the last save",
-                "write_seconds": "seconds the coordinator spent writing the last save",
-                "write_mb_per_s": "write throughput of the last save (MB/s)",
-            }.items()
-        }
-
-    def record(self, stats) -> None:
-        values = {
-            "checkpoint_bytes": stats.bytes, "blocked_seconds": stats.blocked_s,
-            "write_seconds": stats.write_s, "write_mb_per_s": stats.mb_per_s,
-        }
-        for name, gauge in self._gauges.items():
-            gauge.set(values[name], tags=self._tags)
-        self.recorded += 1
-
-    def count(self, kind: str) -> None:
-        """One save replaced or skipped (``kind``)."""
-        self.dropped[kind] += 1
-        if kind in self._counters:
-            self._counters[kind].inc(1, tags=self._tags)
-
-
-def get_or_create(options: CoordinatorOptions):
-    """The run's coordinator actor, created on first use (also after a crash)."""
+def get_or_create(options: CoordinatorOptions, node_id: str | None = None):
+    """The run's coordinator actor, created on first use (also after a crash);
+    on ``node_id`` when given (e.g. a node that is not preemptible), else
+    preferably on the caller's node."""
     import ray
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -444,13 +432,13 @@ def get_or_create(options: CoordinatorOptions):
     # Prefer the creator's node (the driver, on the head: not a spot worker
     # whose loss would take the emergency checkpoint with it); soft, so a lost
     # head node does not block a new coordinator elsewhere.
-    here = ray.get_runtime_context().get_node_id()
+    here = node_id or ray.get_runtime_context().get_node_id()
     return actor_cls.options(
         name=coordinator_name(options.directory),
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=node_id is None),
         runtime_env={"env_vars": {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}},
     ).remote(options)
 

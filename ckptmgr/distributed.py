@@ -85,6 +85,9 @@ class CoordinatorClient:
         self._outcomes: list[Future] = []  # of saves not yet waited for, oldest first
         self._emergency_ref = None
         self._resumed_from: int | None = None
+        self.restored_tier: str | None = None  # "memory" or "storage" after a restore
+        self._node: str | None = None  # this rank's Ray node (set at prepare)
+        self._deadline_ms: int | None = None  # of a drain notice (Unix ms)
         self._handle = None
         self._next_poll = 0.0
         self._step_clock: tuple[int, float] | None = None
@@ -121,7 +124,13 @@ class CoordinatorClient:
     def restore(self, model, step: int | None = None) -> Manifest:
         """Every rank restores the same step: the newest one that all ranks,
         each verifying a share of its chunks, agree is good (ranged reads in
-        parallel; no process reads the whole archive to verify it)."""
+        parallel; no process reads the whole archive to verify it). Without
+        ``step``, a newer (or equal) snapshot in the memory tier is tried
+        first (see :mod:`ckptmgr.ray.memory_restore`)."""
+        if step is None:
+            manifest = self._restore_from_memory(model)
+            if manifest is not None:
+                return manifest
         rejected: list[int] = []
         while True:
             chosen = step if step is not None else self._call("restore_step")
@@ -141,6 +150,29 @@ class CoordinatorClient:
                         "verified", rejected[0], chosen)
         manifest = self._reader.restore(model, chosen, verified=True)
         self._resumed_from = chosen
+        self.restored_tier = "storage"
+        if self.rank == 0:
+            log.info("restored step %d from storage", chosen)
+        return manifest
+
+    def _restore_from_memory(self, model) -> Manifest | None:
+        """The newest memory copy every rank verified, applied; None when the
+        newest good snapshot is in storage (or none is)."""
+        from ckptmgr.ray.memory_restore import apply_snapshot, fetch_and_check
+
+        while True:
+            plan = self._call("restore_plan")
+            if plan is None or plan["tier"] != "memory":
+                return None
+            snapshot, problem = fetch_and_check(plan, self.options.save_timeout_s)
+            verdict = self._call("memory_vote", plan["step"], plan["keeper"], self.rank, problem,
+                                 self.options.save_timeout_s)
+            if verdict is None:
+                break
+        manifest = apply_snapshot(model, snapshot, plan)
+        self._resumed_from, self.restored_tier = plan["step"], "memory"
+        if self.rank == 0:
+            log.info("restored step %d from memory on node %s", plan["step"], plan["node"][:12])
         return manifest
 
     def supersede_after(self, step: int | None, reason: str) -> list[int]:
@@ -152,22 +184,32 @@ class CoordinatorClient:
         """Plan and allocate host buffers now, so the first save is not slower."""
         from ckptmgr.state import plan_for
 
+        import ray
+
         self.wait_until_finished()
         if self.rank == 0:  # outcomes of steps this run saves again must not answer for it
             self._call("forget_after", self._resumed_from)
+            if self.options.memory_replicas:
+                self._call("forget_memory_after", self._resumed_from)
+        self._node = ray.get_runtime_context().get_node_id()
+        self._call("register_node", self.rank, self._node)
         self._plan = plan_for(model, self._plan)
         self._plan.warm(self._handovers.buffer_sets)
 
     # -- saving -------------------------------------------------------------------
     def save(self, step: int, model, *, metrics=None, extra=None, loop: LoopState | None = None,
-             pin: bool = False, blocking: bool = False):
+             pin: bool = False, blocking: bool = False, tier: str = "storage"):
         """Copy state to host (blocking), then hand it over in the background.
 
         Returns a future of the coordinator's outcome for the step: the
         committed manifest, or ``{"replaced": True, "by": newer}`` /
         ``{"skipped": True}`` as the coordinator decided (the same for every
-        rank). Raises an earlier save's failure once.
+        rank). Raises an earlier save's failure once. ``tier="memory"``: the
+        snapshot goes to the run's memory tier, not to storage (outcome
+        ``{"memory": True, "nodes": [...]}``).
         """
+        if tier == "memory":
+            extra = dict(extra or {}, tier="memory", node=self._node)
         if self._waits_for_commit:
             if self._outcomes and not self._outcomes[-1].done():
                 log.info("rank %d: waiting for the previous save (on_busy='wait')", self.rank)
@@ -210,14 +252,15 @@ class CoordinatorClient:
         import ray
 
         digest = snapshot_digest(snapshot, exclude=self.sharded)
-        refs = [ray.put(snapshot.spec() if self._ranged else snapshot)] if self.rank == 0 else []
+        ranged = self._ranged and meta["extra"].get("tier") != "memory"  # keepers need it all
+        refs = [ray.put(snapshot.spec() if ranged else snapshot)] if self.rank == 0 else []
         shard_ref = [ray.put(self._owned_rows(snapshot))] if self.sharded else []
         self._call("submit_part", step, self.rank, digest, refs, blocked_s,
-                   meta["metrics"], meta["extra"], meta["loop"], shard_ref, self._ranged)
+                   meta["metrics"], meta["extra"], meta["loop"], shard_ref, ranged)
         timeout = self.options.save_timeout_s + 600.0
         ref = self._actor().wait_step.remote(step, timeout)
         ref.future().add_done_callback(lambda done: self._settle(step, blocked_s, done, outcome))
-        if self._ranged:
+        if ranged:
             self._write_my_range(step, snapshot)
 
     def _write_my_range(self, step: int, snapshot) -> None:
@@ -249,6 +292,8 @@ class CoordinatorClient:
         except BaseException as exc:  # noqa: BLE001 - the save's own error
             outcome.set_exception(exc)
             return
+        if self.rank == 0 and result.get("memory") is False:
+            log.warning("step %d not kept in memory: %s", step, result.get("error"))
         if self.rank == 0 and "manifest" in result:
             stats = result["manifest"]["stats"]
             log.info("saved step %d: %d bytes, blocked %.3fs, write %.3fs, %.1f MB/s",
@@ -314,17 +359,22 @@ class CoordinatorClient:
             return None
         self._next_poll = now + POLL_INTERVAL_S
         if self._emergency_ref is None:
-            self._emergency_ref = self._actor().emergency_step.remote()
+            self._emergency_ref = self._actor().notice.remote()
             return None
         ready, _ = ray.wait([self._emergency_ref], timeout=0)
         if not ready:
             return None
         self._emergency_ref = None
         try:
-            return ray.get(ready[0])
+            notice = ray.get(ready[0])
         except ray.exceptions.RayActorError:
             self._handle = None  # a new coordinator carries on; ask it next time
             return None
+        if notice["step"] is None and notice["drain"] is not None:
+            # Ray is draining a node of the run: agree on a step, as after SIGTERM.
+            self._deadline_ms = notice["drain"]["deadline_ms"] or None
+            return self._call("request_emergency", current_step, self._emergency_margin())
+        return notice["step"]
 
     def _track_step_time(self, step: int, now: float) -> None:
         if self._step_clock is not None and step > self._step_clock[0]:
@@ -346,17 +396,32 @@ class CoordinatorClient:
         it is written right after the step writing now, if any. Only under
         ``on_busy="wait"`` is the previous commit waited for first.
         """
-        deadline = time.monotonic() + self.grace_period_s
+        started = time.monotonic()
+        deadline = started + self._seconds_to_deadline()
+        memory = bool(self.options.memory_replicas)
+        extra = {"emergency": True, **({"tier": "memory", "node": self._node} if memory else {})}
         try:
-            if self._waits_for_commit:
+            if self._waits_for_commit and not memory:
                 self.wait_until_finished(timeout_s=max(0.0, deadline - time.monotonic()))
-            outcome = self._copy_and_hand_over(step, model, metrics=metrics, loop=loop,
-                                               extra={"emergency": True})
+            outcome = self._copy_and_hand_over(step, model, metrics=metrics, loop=loop, extra=extra)
             result = outcome.result(timeout=max(0.0, deadline - time.monotonic()))
-            return "manifest" in result
-        except (TimeoutError, DistributedSaveError) as exc:
-            log.error("emergency checkpoint of step %d abandoned: %s", step, exc)
+        except Exception as exc:  # noqa: BLE001 - abandoned: nothing partial is listed; say why
+            log.error("emergency checkpoint of step %d abandoned after %.1f s: %s", step,
+                      time.monotonic() - started, exc)
             return False
+        reached = "memory" if result.get("memory") else "storage" if "manifest" in result else None
+        if self.rank == 0 and reached:
+            log.warning("emergency checkpoint of step %d reached %s in %.1f s%s", step, reached,
+                        time.monotonic() - started,
+                        "; the coordinator persists it to storage in the background" if reached == "memory" else "")
+        return reached is not None
+
+    def _seconds_to_deadline(self) -> float:
+        """The grace period, or less when Ray's drain notice names an earlier
+        deadline (minus a second to stop cleanly)."""
+        if self._deadline_ms:
+            return max(0.5, min(self.grace_period_s, self._deadline_ms / 1000.0 - time.time() - 1.0))
+        return self.grace_period_s
 
     def close(self) -> None:
         """Wait for every save's outcome (the handover thread ends by itself)."""
@@ -367,7 +432,7 @@ def client_for(directory: str, *, rank: int | None, world_size: int | None,
                storage_options: dict | None, retention: dict[str, Any], on_busy: str,
                save_timeout_s: float = 120.0, prune_interval_s: float = 60.0,
                grace_period_s: float = 25.0, sharded: Collection[str] = (),
-               checksum: str = "crc32c") -> CoordinatorClient | None:
+               checksum: str = "crc32c", memory_replicas: int = 0) -> CoordinatorClient | None:
     """A client when this process is a rank of a distributed Ray run, else None.
 
     A rank of a run with several workers always writes through the run's
@@ -393,7 +458,7 @@ def client_for(directory: str, *, rank: int | None, world_size: int | None,
             return None  # one worker: its own manager writes
         actor = _create_coordinator(
             directory, world_size, storage_options, retention, on_busy, save_timeout_s, prune_interval_s,
-            checksum,
+            checksum, memory_replicas,
         )
     options = ray.get(actor.options_.remote())
     if options.world_size != world_size:
@@ -420,7 +485,7 @@ def _given(retention: dict[str, Any]) -> dict[str, Any]:
 
 def _create_coordinator(directory: str, world_size: int, storage_options: dict | None,
                         retention: dict[str, Any], on_busy: str, save_timeout_s: float,
-                        prune_interval_s: float, checksum: str = "crc32c"):
+                        prune_interval_s: float, checksum: str = "crc32c", memory_replicas: int = 0):
     from ckptmgr.io.storage import Storage
 
     if Storage(directory, storage_options).is_local and not os.path.isabs(directory):
@@ -432,7 +497,7 @@ def _create_coordinator(directory: str, world_size: int, storage_options: dict |
     options = CoordinatorOptions(
         directory, world_size=world_size, storage_options=dict(storage_options or {}),
         retention=_given(retention), on_busy=on_busy, save_timeout_s=save_timeout_s,
-        prune_interval_s=prune_interval_s, checksum=checksum,
+        prune_interval_s=prune_interval_s, checksum=checksum, memory_replicas=memory_replicas,
     )
     log.info("no coordinator for %s: creating it (world size %d)", directory, world_size)
     return get_or_create(options)

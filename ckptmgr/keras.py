@@ -95,7 +95,13 @@ class CheckpointCallback(keras.callbacks.Callback):
         save_on_train_end: save the final state unless it was just saved.
         rank, world_size: this worker's place in a distributed run (read from
             Ray Train or ``TF_CONFIG`` when not given).
-        grace_period_s: how long an emergency checkpoint may take after SIGTERM.
+        grace_period_s: how long an emergency checkpoint may take after SIGTERM
+            (less when Ray's drain notice names an earlier deadline).
+        memory_every: on a Ray run, also keep a snapshot every this many steps
+            in the run's memory tier: host RAM on ``memory_replicas`` nodes
+            (other than the producer's), restored first when newer than
+            storage (see :mod:`ckptmgr.ray.keepers`). Emergency checkpoints
+            then go to memory first and are persisted in the background.
         sharded_variables: distributed mode only: datasets (paths as in
             ``model.weights.h5``, e.g. ``"optimizer/vars/3"``) whose rows each
             rank owns a contiguous even share of; every rank sends its rows and
@@ -127,6 +133,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         world_size: int | None = None,
         grace_period_s: float = 25.0,
         sharded_variables: tuple[str, ...] = (),
+        memory_every: int | None = None,
+        memory_replicas: int = 2,
     ):
         super().__init__()
         _check_save_freq(save_freq, mtbf)
@@ -142,6 +150,7 @@ class CheckpointCallback(keras.callbacks.Callback):
                 os.fspath(directory_or_manager), rank=rank, world_size=world_size,
                 storage_options=storage_options, retention=retention, on_busy=on_busy,
                 grace_period_s=grace_period_s, sharded=sharded_variables, checksum=checksum,
+                memory_replicas=memory_replicas if memory_every else 0,
             ) or CheckpointManager(
                 directory_or_manager, storage_options=storage_options, on_busy=on_busy,
                 checksum=checksum, **retention
@@ -155,6 +164,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             )
         self.manager = directory_or_manager
         self.save_freq = save_freq
+        self.memory_every = memory_tier_interval(memory_every, self.manager)
         self.auto: AutoSaveFreq | None = None  # the save_freq="auto" schedule
         if save_freq == "auto":
             self.auto = AutoSaveFreq(job_mtbf_s(mtbf, _world_size(self.manager)),
@@ -176,6 +186,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._sigterm = SigtermGuard()
         self.restored_step: int | None = None
         self.restored_manifest: Manifest | None = None
+        self.restored_tier: str | None = None  # "memory" or "storage"
         self._reset_position()
 
     def _reset_position(self) -> None:
@@ -193,7 +204,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         previous = self._global_step  # this callback's own count, from an earlier fit()
         self._reset_position()
-        self.restored_step, self.restored_manifest = None, None
+        self.restored_step, self.restored_manifest, self.restored_tier = None, None, None
         self._sigterm.install()  # released (and a SIGTERM passed on) at train end
         # The optimizer's count restarts at 0 after a recompile; ours does not.
         self._global_step = max(_optimizer_iterations(self.model), previous)
@@ -230,7 +241,9 @@ class CheckpointCallback(keras.callbacks.Callback):
         if next_batch > 0:
             self._skip = (next_epoch, next_batch)
             self._install_skipper(next_batch)
-        log.info("resumed from step %d (epoch %d, batch %d)", manifest.step, next_epoch, next_batch)
+        self.restored_tier = getattr(self.manager, "restored_tier", None) or "storage"
+        log.info("resumed from step %d (from %s; epoch %d, batch %d)", manifest.step,
+                 self.restored_tier, next_epoch + 1, next_batch)
 
     def _settle_history(self, newest: int | None) -> None:
         """One directory, one run's history (see :mod:`ckptmgr.history`): steps
@@ -305,6 +318,10 @@ class CheckpointCallback(keras.callbacks.Callback):
                 self._deferred_save = True  # on_epoch_end saves it, with the val_ metrics
             else:
                 self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+        elif self.memory_every and before // self.memory_every != self._global_step // self.memory_every:
+            loop = self._loop_state(next_epoch=self._epoch, next_batch=self._batch)
+            self.manager.save(self._global_step, self.model, metrics=_scalar_logs(logs), loop=loop,
+                              tier="memory")
 
     def _batch_save_due(self, before: int, steps: int) -> bool:
         """A multiple of ``save_freq`` was crossed, or the auto interval reached."""
@@ -457,6 +474,21 @@ def _check_save_freq(save_freq: Any, mtbf: Any) -> None:
         )
     if mtbf is not None:
         parse_mtbf(mtbf)
+
+
+def memory_tier_interval(memory_every: Any, manager: Any) -> int | None:
+    """``memory_every`` checked; None where no memory tier can be (one process
+    without a coordinator, or a coordinator started without it), said once."""
+    if memory_every is None:
+        return None
+    if isinstance(memory_every, bool) or not isinstance(memory_every, int) or memory_every < 1:
+        raise ConfigError(f"Invalid memory_every: Received: {memory_every!r}. Pass a number of "
+                          "steps >= 1, or None for no memory tier.")
+    if not getattr(getattr(manager, "options", None), "memory_replicas", 0):
+        log.warning("memory_every=%d ignored: the memory tier needs a Ray run whose coordinator "
+                    "keeps it (memory_replicas > 0); only storage checkpoints are taken", memory_every)
+        return None
+    return memory_every
 
 
 def _world_size(manager: Any) -> int:

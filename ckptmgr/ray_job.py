@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ckptmgr.config import JobConfig
@@ -43,6 +43,8 @@ class RayJobResult:
     final_loss: float | None
     weights_sha256: str
     directory: str
+    restored_tier: str | None = None  # "memory" or "storage"
+    restarts: int = 0  # automatic restarts after a preemption or a lost node
 
 
 class TrainWorker:
@@ -81,6 +83,7 @@ class TrainWorker:
         return {
             "rank": self.rank,
             "restored_step": callback.restored_step,
+            "restored_tier": callback.restored_tier,
             "preempted": callback.preempted,
             "final_loss": float(losses[-1]) if losses else None,
             "weights_sha256": weights_digest(model),
@@ -141,6 +144,7 @@ def _fit_example(cfg: JobConfig, *, multiworker: bool, **callback_args: Any):
     callback = CheckpointCallback(
         ckpt.directory, storage_options=ckpt.storage_options, save_freq=ckpt.save_freq,
         mtbf=ckpt.mtbf, on_busy=ckpt.on_busy, checksum=ckpt.checksum, **ckpt.retention_options(),
+        memory_every=ckpt.memory_tier.every_steps, memory_replicas=ckpt.memory_tier.replicas,
         **callback_args,
     )
     history = model.fit(
@@ -169,6 +173,7 @@ def coordinator_options(cfg: JobConfig) -> CoordinatorOptions:
         prune_interval_s=ckpt.prune_interval_s,
         checksum=ckpt.checksum,
         parallel_write=cfg.ray.parallel_write,
+        memory_replicas=ckpt.memory_tier.replicas if ckpt.memory_tier.every_steps else 0,
     )
 
 
@@ -183,7 +188,30 @@ def run_on_ray(
     ``return_weights``, rank 0's final weights (else ``None``).
 
     ``worker_resources`` (one dict per rank) places ranks on chosen nodes.
+    After a preemption or a lost worker the workers are started again from
+    the newest tier, up to ``ray.max_restarts`` times; then the run stops
+    (``JobStoppedError``, or a result with ``preempted``).
     """
+    restarts = 0
+    while True:
+        try:
+            result, weights = _run_once(cfg, resume=resume or restarts > 0,
+                                        worker_resources=worker_resources, return_weights=return_weights)
+        except JobStoppedError as exc:
+            if restarts >= cfg.ray.max_restarts:
+                raise
+            reason = str(exc)
+        else:
+            if not result.preempted or restarts >= cfg.ray.max_restarts:
+                return replace(result, restarts=restarts), weights
+            reason = f"preempted at step {result.final_step}"
+        restarts += 1
+        log.warning("restarting the workers (%d of %d): %s", restarts, cfg.ray.max_restarts, reason[:300])
+
+
+def _run_once(cfg: JobConfig, *, resume: bool, worker_resources: list[dict[str, float]] | None,
+              return_weights: bool) -> tuple[RayJobResult, list[Any] | None]:
+    """One start of the workers: train until done, preempted, or a worker is lost."""
     import ray
 
     if not ray.is_initialized():
@@ -193,7 +221,7 @@ def run_on_ray(
                  log_to_driver=False, configure_logging=False)
     coordinator = _coordinator_for(coordinator_options(cfg))
     latest = ray.get(coordinator.latest_step.remote())
-    if resume and latest is None:
+    if resume and latest is None and not ray.get(coordinator.memory_copies.remote()):
         raise CheckpointNotFoundError(
             f"Nothing to resume under {cfg.checkpoint.directory}: it holds no checkpoints; "
             "use `ckptmgr run` to start."
@@ -221,6 +249,7 @@ def run_on_ray(
     return (
         RayJobResult(
             final_step=final_step, restored_step=lead["restored_step"],
+            restored_tier=lead["restored_tier"],
             preempted=any(r["preempted"] for r in results), final_loss=lead["final_loss"],
             weights_sha256=lead["weights_sha256"], directory=cfg.checkpoint.directory,
         ),

@@ -1,0 +1,152 @@
+"""The coordinator's memory-tier and preemption-notice duties (a mixin).
+
+- Keeping: a complete step submitted with ``extra["tier"] == "memory"`` is not
+  written to storage: rank 0's snapshot is held by keepers on ``replicas``
+  nodes (:class:`ckptmgr.ray.keepers.MemoryTier`), beside the persistent
+  writes, newest wins. An *emergency* memory step is then also persisted
+  from a keeper's copy in the background: it survives the drained node, and
+  reaches storage even when the write could not fit before the deadline.
+- Restoring: :meth:`restore_plan` names the newest snapshot worth trying, of
+  either tier (ties prefer memory: it is faster to read); ranks verify it and
+  vote (:meth:`memory_vote`); a copy any rank found damaged is never offered
+  again, so the next copy, or storage, is tried.
+- Notices: ranks register their node; a node of the run being drained
+  (:mod:`ckptmgr.ray.drain`) becomes a notice that the ranks' polls see
+  (:meth:`notice`), and they agree on an emergency step as after a SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ckptmgr.errors import DistributedSaveError
+from ckptmgr.io.manifest import LoopState
+from ckptmgr.ray.drain import DrainNotice
+
+log = logging.getLogger("ckptmgr")
+
+
+class MemoryTierMixin:
+    """Mixed into :class:`ckptmgr.coordinator.Coordinator` (uses its state)."""
+
+    # -- keeping ---------------------------------------------------------------------
+    def _keep(self, step: int, parts: dict) -> dict:
+        """The memory pipeline's job: hold ``step`` on the keepers' nodes."""
+        lead = parts[0]
+        if self._tier is None:
+            raise RuntimeError(f"step {step}: the memory tier is off for this run "
+                               "(checkpoint.memory_tier.every_steps / CoordinatorOptions.memory_replicas)")
+        extra = {k: v for k, v in lead.extra.items() if k not in ("tier", "node")}
+        meta = {
+            "digest": lead.digest, "metrics": lead.metrics, "extra": extra, "loop": lead.loop,
+            "time": time.time(), "blocked_s": max(p.blocked_s for p in parts.values()),
+            "world_size": self.options.world_size,
+        }
+        try:
+            outcome = self._tier.store(step, lead.snapshot_ref[0], meta, producer=lead.extra.get("node"),
+                                       draining=set(self._drain.draining))
+        except Exception as exc:  # noqa: BLE001 - training goes on; storage still has its steps
+            if extra.get("emergency"):
+                raise DistributedSaveError(f"emergency step {step}: {exc}") from None
+            return {"memory": False, "step": step, "error": str(exc)[:500]}
+        self._metrics.memory(step)
+        log.info("kept step %d in memory on node(s) %s (%.2f s)", step,
+                 ", ".join(n[:12] for n in outcome["nodes"]), outcome["keep_s"])
+        if extra.get("emergency"):
+            self._persist_later(step, meta)
+        return outcome
+
+    def _persist_later(self, step: int, meta: dict) -> None:
+        """Queue a persistent write of the emergency step, read from a keeper."""
+        started = time.monotonic()
+
+        def persist() -> dict:
+            import ray
+
+            copy = next(c for c in self._tier.copies() if c.step == step)
+            refs = ray.get(self._tier.keepers()[copy.keeper].fetch.remote(step))
+            snapshot = ray.get(refs[0])
+            manifest = self.manager.write_snapshot(
+                step, snapshot, metrics=meta["metrics"], extra=meta["extra"],
+                loop=LoopState(**meta["loop"]) if meta["loop"] else None, blocked_s=meta["blocked_s"],
+                world={"world_size": self.options.world_size, "digest": meta["digest"], "from": "memory"},
+            )
+            self._metrics.record(step, manifest.stats)
+            log.info("emergency step %d persisted from memory %.1f s after the notice", step,
+                     time.monotonic() - started)
+            return {"step": step, "manifest": manifest.model_dump(mode="json")}
+
+        future = self._writer.submit(step, persist, may_drop=False, report=False, sticky=True)
+        future.add_done_callback(
+            lambda f: f.exception() is None
+            or log.error("emergency step %d not persisted from memory: %s", step, f.exception()))
+
+    def memory_copies(self) -> list[dict]:
+        """Every copy the memory tier holds, newest first (for ``ckptmgr`` and tests)."""
+        if self._tier is None:
+            return []
+        return [{"step": c.step, "keeper": c.keeper, "node": c.node, "loop": c.meta.get("loop"),
+                 "metrics": c.meta.get("metrics"), "emergency": bool(c.meta["extra"].get("emergency"))}
+                for c in self._tier.copies()]
+
+    def damage_memory(self, step: int) -> int:
+        """Fault injection (tests): flip a bit in every held copy of ``step``."""
+        copies = [c for c in self._tier.copies() if c.step == step]
+        for c in copies:
+            self._tier.keepers()[c.keeper].damage.remote(step)
+        return len(copies)
+
+    # -- restoring -------------------------------------------------------------------
+    def restore_plan(self) -> dict[str, Any] | None:
+        """The newest snapshot worth trying, of either tier; None when none is.
+
+        ``{"tier": "memory", "step", "keeper", "node", "meta"}`` or
+        ``{"tier": "storage", "step"}``.
+        """
+        stored = self.restore_step()
+        for copy in self._tier.copies() if self._tier is not None else []:
+            if (copy.step, copy.keeper) in self._bad_memory:
+                continue
+            if stored is not None and copy.step < stored:
+                break
+            return {"tier": "memory", "step": copy.step, "keeper": copy.keeper,
+                    "node": copy.node, "meta": copy.meta}
+        return None if stored is None else {"tier": "storage", "step": stored}
+
+    def memory_vote(self, step: int, keeper: str, rank: int, problem: str | None,
+                    timeout_s: float) -> str | None:
+        """Like ``restore_vote``, for one keeper's copy of ``step``."""
+        verdict = self._votes.vote(("memory", step, keeper), rank, problem, timeout_s)
+        if verdict is not None and (step, keeper) not in self._bad_memory:
+            self._bad_memory.add((step, keeper))
+            log.warning("memory copy of step %d on %s: %s; trying the next copy", step,
+                        keeper.rsplit("@", 1)[-1][:12], verdict)
+        return verdict
+
+    def forget_memory_after(self, step: int | None) -> None:
+        """Drop memory copies newer than ``step`` (a run continuing from ``step``)."""
+        if self._tier is not None:
+            self._tier.drop_after(step)
+
+    # -- preemption notices -------------------------------------------------------------
+    def register_node(self, rank: int, node_id: str) -> None:
+        """Rank ``rank`` trains on ``node_id`` (its drain is the run's notice)."""
+        self._rank_nodes[rank] = node_id
+
+    def _on_drain_notice(self, notice: DrainNotice) -> None:
+        left = notice.seconds_left()
+        log.warning("node %s is being drained (%s): taking an emergency snapshot%s",
+                    notice.node[:12], "no deadline" if left is None else f"{left:.1f} s left",
+                    " into the memory tier" if self._tier is not None else "")
+        self._notice = notice
+
+    def notice(self) -> dict[str, Any]:
+        """What the ranks' polls read: the agreed emergency step, if any, and
+        a drain notice not yet turned into one (a rank then requests it)."""
+        drain = self._notice
+        return {
+            "step": self._emergency,
+            "drain": None if drain is None else {"node": drain.node, "deadline_ms": drain.deadline_ms},
+        }

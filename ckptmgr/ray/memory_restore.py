@@ -1,0 +1,77 @@
+"""Worker side of the memory tier: restore a snapshot a keeper holds.
+
+Every rank pulls the copy the coordinator names, recomputes its digest (the
+one every rank agreed on when it was saved) and votes; only when all ranks
+found it intact is it applied, exactly as a stored archive would be: the
+snapshot is laid out as the same ``.keras`` archive in memory and loaded
+through the same code, so a restore from memory and one from storage leave a
+model in the same state, bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from ckptmgr.io.checksums import CHUNK_BYTES, crc32c
+from ckptmgr.io.layout import archive_name
+from ckptmgr.io.manifest import FileEntry, LoopState, Manifest
+
+log = logging.getLogger("ckptmgr")
+
+MEMORY_ATTEMPT = "memory"  # the attempt id a memory restore's manifest names
+
+
+def fetch_and_check(plan: dict[str, Any], timeout_s: float) -> tuple[Any, str | None]:
+    """(snapshot or None, problem or None) of the keeper's copy ``plan`` names."""
+    import ray
+
+    from ckptmgr.ray.keepers import NAMESPACE
+    from ckptmgr.replicas import snapshot_digest
+
+    step = plan["step"]
+    try:
+        keeper = ray.get_actor(plan["keeper"], namespace=NAMESPACE)
+        refs = ray.get(keeper.fetch.remote(step), timeout=timeout_s)
+        snapshot = ray.get(refs[0], timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - a lost keeper or node: another copy, or storage
+        return None, f"memory copy of step {step} unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    digest = snapshot_digest(snapshot)
+    if digest != plan["meta"]["digest"]:
+        return None, (f"memory copy of step {step} is damaged: digest {digest[:12]} differs from "
+                      f"{plan['meta']['digest'][:12]} recorded when it was saved")
+    return snapshot, None
+
+
+def apply_snapshot(model, snapshot, plan: dict[str, Any]) -> Manifest:
+    """Load ``snapshot`` into ``model`` as a restore of its archive would, and
+    the manifest a stored checkpoint of it would carry (``extra.tier``)."""
+    from ckptmgr.io.archive import open_weights, read_json_member
+    from ckptmgr.io.archive_plan import write_keras_archive
+    from ckptmgr.state import apply_weights, build_if_needed
+
+    buffer = io.BytesIO()
+    write_keras_archive(buffer, snapshot)
+    build_if_needed(model, read_json_member(buffer, "config.json"))
+    with open_weights(buffer) as h5:
+        apply_weights(model, h5)
+    return memory_manifest(plan, buffer)
+
+
+def memory_manifest(plan: dict[str, Any], buffer: io.BytesIO) -> Manifest:
+    """The manifest of a memory copy: step, loop state, metrics, where it was."""
+    meta, step = plan["meta"], plan["step"]
+    archive = archive_name(step, MEMORY_ATTEMPT)
+    data = buffer.getbuffer()
+    crcs = [f"{crc32c(data[i:i + CHUNK_BYTES]):08x}" for i in range(0, len(data), CHUNK_BYTES)]
+    entry = FileEntry(bytes=len(data), crc32c=crcs, chunk_bytes=CHUNK_BYTES)
+    return Manifest(
+        step=step, created=datetime.fromtimestamp(meta.get("time", 0.0), tz=timezone.utc),
+        archive=archive, attempt=MEMORY_ATTEMPT, files={archive: entry},
+        metrics=meta.get("metrics") or {},
+        extra=dict(meta.get("extra") or {}, tier="memory", node=plan.get("node", "")),
+        loop=LoopState(**meta["loop"]) if meta.get("loop") else None,
+        world={"world_size": meta.get("world_size"), "digest": meta["digest"]},
+    )

@@ -1,0 +1,218 @@
+"""The memory tier and Ray's preemption notices, on a real multi-node Ray cluster.
+
+A head and three worker nodes on one machine (``ray.cluster_utils.Cluster``):
+two training ranks pinned by custom resources, one spare node. Keepers hold
+snapshots in their nodes' object stores; a node is drained with Ray's own
+``ray drain-node`` (reason PREEMPTION, with a deadline) as an autoscaler or
+KubeRay would. Marked slow, run in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from ckptmgr import CheckpointManager  # noqa: E402
+from ckptmgr.config import apply_overrides, load_config  # noqa: E402
+from ckptmgr.coordinator import CoordinatorOptions, find, get_or_create  # noqa: E402
+from ckptmgr.io.snapshot import ModelSnapshot, VarGroup  # noqa: E402
+from ckptmgr.ray.drain import draining_nodes  # noqa: E402
+from ckptmgr.ray.keepers import MemoryTier  # noqa: E402
+from ckptmgr.ray.memory_restore import fetch_and_check  # noqa: E402
+from ckptmgr.ray_job import WORKER_ENV, run_on_ray  # noqa: E402
+from ckptmgr.replicas import snapshot_digest  # noqa: E402
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+PLACEMENT = [{"rank0": 1}, {"rank1": 1}]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = {name: c.add_node(num_cpus=1, resources={name: 1}) for name in ("rank0", "rank1", "spare")}
+    c.wait_for_nodes()
+    env = dict(WORKER_ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def _cfg(directory: str, *extra: str):
+    overrides = [
+        f"checkpoint.directory={directory}", "checkpoint.save_freq=64", "checkpoint.keep_last=3",
+        "checkpoint.on_busy=newest", "training.samples=512", "training.batch_size=32",
+        "training.hidden=[32]", "training.features=8", "ray.num_workers=2", *extra,
+    ]
+    return apply_overrides(load_config(REPO / "configs" / "local.yaml"), overrides)
+
+
+def _snapshot(fill: float, n: int = 50_000) -> ModelSnapshot:
+    arrays = [("0", np.full((n,), fill, dtype="float32")), ("1", np.arange(8, dtype="float32") * fill)]
+    return ModelSnapshot("{}", '{"keras_version": "test"}', [VarGroup("layers/dense/vars", {}, arrays)])
+
+
+def _keep(coord, step: int, snap: ModelSnapshot, node: str | None = None, **extra) -> dict:
+    """Submit ``snap`` as the memory step ``step`` of a one-rank run; its outcome."""
+    loop = {"epoch": 0, "batch": step, "next_epoch": 0, "next_batch": step}
+    coord.submit_part.remote(step, 0, snapshot_digest(snap), [ray.put(snap)], 0.01, {"loss": 1.0},
+                             {"tier": "memory", "node": node, **extra}, loop)
+    return ray.get(coord.wait_step.remote(step, 60))
+
+
+def _node_id(node) -> str:
+    return node.node_id
+
+
+def _kill_run(directory: str) -> None:
+    coord = find(directory)
+    if coord is not None:
+        ray.kill(coord)
+    MemoryTier(directory).stop()
+
+
+def test_draining_nodes_is_readable_on_this_ray(cluster):
+    """ckptmgr reads Ray's draining table through a private accessor: fail
+    loudly, naming the Ray version, when Ray changes it."""
+    try:
+        table = draining_nodes()
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"ray._private.state.state.get_draining_nodes() broke on Ray {ray.__version__}: {exc!r}")
+    assert isinstance(table, dict), f"Ray {ray.__version__}: draining table is {type(table)}"
+
+
+def test_copies_live_on_two_nodes_other_than_the_producer(cluster, tmp_path):
+    c, nodes = cluster
+    directory = str(tmp_path / "run")
+    coord = get_or_create(CoordinatorOptions(directory, world_size=1, memory_replicas=2))
+    producer = _node_id(nodes["rank0"])
+    outcome = _keep(coord, 10, _snapshot(1.0), node=producer)
+    assert outcome["memory"] is True and len(set(outcome["nodes"])) == 2
+    assert producer not in outcome["nodes"]
+    copies = ray.get(coord.memory_copies.remote())
+    assert {c["node"] for c in copies} == set(outcome["nodes"]) and {c["step"] for c in copies} == {10}
+    assert CheckpointManager(directory).steps() == []  # memory only: nothing in storage
+    # Each keeper keeps the newest two.
+    for step in (20, 30):
+        _keep(coord, step, _snapshot(step), node=producer)
+    assert sorted({c["step"] for c in ray.get(coord.memory_copies.remote())}) == [20, 30]
+    _kill_run(directory)
+
+
+def test_lost_coordinator_node_and_replica_other_copy_serves(cluster, tmp_path):
+    c, nodes = cluster
+    directory = str(tmp_path / "run")
+    options = CoordinatorOptions(directory, world_size=1, memory_replicas=2)
+    spare = _node_id(nodes["spare"])
+    coord = get_or_create(options, node_id=spare)
+    assert ray.get(coord.node_id.remote()) == spare
+    snap = _snapshot(3.0)
+    outcome = _keep(coord, 40, snap, node=_node_id(nodes["rank1"]))
+    assert spare in outcome["nodes"], outcome  # one replica beside the coordinator
+    c.remove_node(nodes["spare"])
+    nodes["spare"] = c.add_node(num_cpus=1, resources={"spare": 1})
+    c.wait_for_nodes()
+    fresh = get_or_create(options)  # what a resuming driver does
+    plan = ray.get(fresh.restore_plan.remote())
+    assert plan["tier"] == "memory" and plan["step"] == 40 and plan["node"] != spare
+    got, problem = fetch_and_check(plan, 30)
+    assert problem is None
+    for (_, a), (_, b) in zip(got.groups[0].arrays, snap.groups[0].arrays, strict=True):
+        np.testing.assert_array_equal(a, b)
+    _kill_run(directory)
+
+
+def test_damaged_copy_is_skipped_then_storage_when_keepers_are_gone(cluster, tmp_path):
+    c, nodes = cluster
+    directory = str(tmp_path / "run")
+    options = CoordinatorOptions(directory, world_size=1, memory_replicas=2)
+    coord = get_or_create(options)
+    stored = _snapshot(5.0)
+    coord.submit_part.remote(50, 0, snapshot_digest(stored), [ray.put(stored)], 0.01)
+    ray.get(coord.wait_step.remote(50, 60))  # a persistent checkpoint of step 50
+    _keep(coord, 60, _snapshot(6.0), node=_node_id(nodes["rank0"]))
+    assert ray.get(coord.damage_memory.remote(60)) == 2  # a bit flip in both copies
+    for _ in range(2):  # each damaged copy is found, voted down, never offered again
+        plan = ray.get(coord.restore_plan.remote())
+        assert plan["tier"] == "memory" and plan["step"] == 60
+        _, problem = fetch_and_check(plan, 30)
+        assert problem is not None and "damaged" in problem
+        assert ray.get(coord.memory_vote.remote(60, plan["keeper"], 0, problem, 30)) is not None
+    assert ray.get(coord.restore_plan.remote()) == {"tier": "storage", "step": 50}
+    # A newer, good copy is preferred again; killing every keeper falls back to storage.
+    _keep(coord, 70, _snapshot(7.0), node=_node_id(nodes["rank0"]))
+    assert ray.get(coord.restore_plan.remote())["tier"] == "memory"
+    assert MemoryTier(directory).stop() == 2
+    assert ray.get(coord.restore_plan.remote()) == {"tier": "storage", "step": 50}
+    _kill_run(directory)
+
+
+def _drain(cluster_address: str, node_id: str, deadline_s: int) -> None:
+    """``ray drain-node`` as an autoscaler or operator would send it."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_cli, "drain-node", "--address", cluster_address, "--node-id", node_id,
+                    "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
+                    "--deadline-remaining-seconds", str(deadline_s)], check=True, capture_output=True)
+
+
+def test_drained_node_emergency_to_memory_then_automatic_restart_is_exact(cluster, tmp_path):
+    c, nodes = cluster
+    long = ("training.epochs=30", "checkpoint.memory_tier.every_steps=4", "ray.max_restarts=1")
+    reference, ref_weights = run_on_ray(_cfg(str(tmp_path / "ref"), *long), resume=False,
+                                        worker_resources=PLACEMENT, return_weights=True)
+    _kill_run(str(tmp_path / "ref"))
+
+    directory = str(tmp_path / "run")
+    outcome: dict = {}
+
+    def job():
+        try:
+            outcome["result"] = run_on_ray(_cfg(directory, *long), resume=False,
+                                           worker_resources=PLACEMENT, return_weights=True)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    manager = CheckpointManager(directory)
+    deadline = time.monotonic() + 180
+    while (manager.latest_step() or 0) < 64 and time.monotonic() < deadline:
+        time.sleep(0.05)  # training is under way: one persistent checkpoint
+    persisted_before = manager.latest_step()
+    assert persisted_before is not None, outcome
+    drained = nodes["rank1"]
+    _drain(c.address, _node_id(drained), deadline_s=30)
+    coord = find(directory)
+    emergency = None
+    while emergency is None and time.monotonic() < deadline:
+        copies = ray.get(coord.memory_copies.remote())
+        emergency = next((x for x in copies if x.get("emergency")), None)
+        time.sleep(0.05)
+    assert emergency is not None, f"no emergency snapshot reached memory: {outcome}"
+    assert emergency["node"] != _node_id(drained)
+    # The node goes; a replacement arrives; the run restarts by itself.
+    c.remove_node(drained)
+    nodes["rank1"] = c.add_node(num_cpus=1, resources={"rank1": 1})
+    c.wait_for_nodes()
+    thread.join(300)
+    assert "result" in outcome, outcome
+    result, weights = outcome["result"]
+    assert result.restarts == 1 and not result.preempted
+    assert result.restored_tier == "memory" and result.restored_step == emergency["step"]
+    assert result.restored_step > persisted_before
+    assert result.final_step == reference.final_step
+    assert result.weights_sha256 == reference.weights_sha256
+    for got, want in zip(weights, ref_weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    _kill_run(directory)
