@@ -31,8 +31,29 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ckptmgr.cadence import parse_mtbf
 from ckptmgr.errors import ConfigError
 from ckptmgr.retention import RetentionPolicy, parse_duration
+from ckptmgr.user_code import UserCode, check_module_name, parse_custom_object
 
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading ``1e-3`` as a float.
+
+    PyYAML follows YAML 1.1, whose floats need a dot (``1.0e-3``), so
+    ``learning_rate: 1e-3`` would be the string ``"1e-3"``; YAML 1.2 and JSON
+    read it as a number, and so does this loader.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
 
 
 class _Section(BaseModel):
@@ -160,13 +181,40 @@ class RayConfig(_Section):
     max_restarts: int = Field(0, ge=0)
 
 
+class UserCodeConfig(_Section):
+    """Python code the job's model needs (``ckptmgr.user_code``), imported in every
+    process that trains before the model is built; the CLI's ``--import`` and
+    ``--custom-object`` add to it."""
+
+    imports: list[str] = Field(default_factory=list)  # module names
+    custom_objects: dict[str, str] = Field(default_factory=dict)  # NAME: "MODULE:ATTR"
+
+    @field_validator("imports")
+    @classmethod
+    def _check_imports(cls, value: list[str]) -> list[str]:
+        for module in value:
+            check_module_name(module)  # ConfigError is a ValueError: pydantic reports it
+        return value
+
+    @field_validator("custom_objects")
+    @classmethod
+    def _check_custom_objects(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, target in value.items():
+            parse_custom_object(f"{name}={target}")
+        return value
+
+    def user_code(self) -> UserCode:
+        return UserCode.of(self.imports, [f"{k}={v}" for k, v in self.custom_objects.items()])
+
+
 class JobConfig(_Section):
-    """A whole job: ``name``, ``checkpoint``, ``training``, ``ray``."""
+    """A whole job: ``name``, ``checkpoint``, ``training``, ``ray``, ``user_code``."""
 
     name: str = "example"
     checkpoint: CheckpointConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    user_code: UserCodeConfig = Field(default_factory=UserCodeConfig)
     _source: str = PrivateAttr(default="<config>")
 
     @model_validator(mode="before")
@@ -174,7 +222,7 @@ class JobConfig(_Section):
     def _empty_sections(cls, data: Any) -> Any:
         # "ray:" with nothing under it parses as None; treat it as all defaults.
         if isinstance(data, dict):
-            sections = ("checkpoint", "training", "ray")
+            sections = ("checkpoint", "training", "ray", "user_code")
             data = {k: ({} if v is None and k in sections else v) for k, v in data.items()}
         return data
 
@@ -199,7 +247,7 @@ def load_config(path: str | os.PathLike) -> JobConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read the config file: {exc}.") from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -210,7 +258,7 @@ def load_config(path: str | os.PathLike) -> JobConfig:
     if not isinstance(data, dict):
         raise ConfigError(
             f"{source}: the top level must be a mapping of sections (checkpoint, "
-            f"training, ray). Received: {type(data).__name__}."
+            f"training, ray, user_code). Received: {type(data).__name__}."
         )
     return _validate(data, source)
 
@@ -233,7 +281,7 @@ def apply_overrides(cfg: JobConfig, overrides: list[str] | None) -> JobConfig:
                 "Use e.g. --set training.epochs=5."
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         values[key] = value

@@ -50,7 +50,17 @@ class Exporting:
         model = self.load(step, custom_objects, compile=False, safe_mode=safe_mode)
         with _local_staging() as tmp:
             out = os.path.join(tmp, "saved_model")
-            model.export(out, format="tf_saved_model", verbose=False)
+            try:
+                model.export(out, format="tf_saved_model", verbose=False)
+            except ValueError as exc:
+                # A subclassed model rebuilt from its build_config was never
+                # called, and Keras takes a subclassed model's signature from
+                # its first call: give it the build_config's input shapes.
+                signature = _signature_from_build_config(model)
+                if "never called" not in str(exc) or signature is None:
+                    raise
+                shutil.rmtree(out, ignore_errors=True)
+                model.export(out, format="tf_saved_model", verbose=False, input_signature=signature)
             return copy_to_destination(out, str(path), storage_options, overwrite=overwrite)
 
     def _check_destination(self, path: str) -> None:
@@ -60,6 +70,30 @@ class Exporting:
                 f"directory {self.directory}. Export outside it; checkpoints are never overwritten."
             )
 
+
+
+def _signature_from_build_config(model) -> list[Any] | None:
+    """``[InputSpec...]`` from ``model.get_build_config()["input_shape"]``
+    (batch dimension left free), nested as the shapes are; None without one."""
+    import keras
+
+    shapes = (model.get_build_config() or {}).get("input_shape")
+
+    def spec(structure):
+        if isinstance(structure, dict):
+            return {k: spec(v) for k, v in structure.items()}
+        if isinstance(structure, (list, tuple)) and all(d is None or isinstance(d, int) for d in structure):
+            return keras.InputSpec(shape=(None, *structure[1:]), dtype=model.input_dtype)
+        if isinstance(structure, (list, tuple)):
+            return [spec(v) for v in structure]
+        raise ValueError(f"unexpected input_shape {structure!r}")
+
+    if not shapes:
+        return None
+    try:
+        return [spec(shapes)]
+    except ValueError:
+        return None
 
 
 @contextmanager

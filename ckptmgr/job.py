@@ -93,6 +93,7 @@ def run_local(cfg: JobConfig, *, resume: bool) -> JobResult:
 
     from ckptmgr.keras import CheckpointCallback
 
+    cfg.user_code.user_code().load()  # the user's modules, before any model is built
     seed_everything(cfg.training.seed)
     model = build_model(cfg.training)
     x, y = make_dataset(cfg.training)

@@ -131,6 +131,7 @@ def _fit_example(cfg: JobConfig, *, multiworker: bool, **callback_args: Any):
     from ckptmgr.keras import CheckpointCallback
     from ckptmgr.keras_compat import apply_multiworker_fit_patch
 
+    cfg.user_code.user_code().load()  # the user's modules, before any model is built
     seed_everything(cfg.training.seed)
     if multiworker:
         apply_multiworker_fit_patch()

@@ -34,6 +34,7 @@ def test_shipped_local_config_is_valid_and_matches_documented_defaults():
     assert cfg.checkpoint.save_freq == 10
     assert cfg.checkpoint.keep_last == 3
     assert cfg.training.epochs == 3
+    assert cfg.training.learning_rate == 0.001  # written 1e-3
     assert cfg.ray.num_workers == 2
 
 
@@ -157,3 +158,32 @@ def test_bad_overrides_are_one_line_errors(tmp_path, override, expected):
         apply_overrides(cfg, [override])
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_numbers_in_scientific_notation_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as a string; YAML 1.2 and JSON read a number.
+    cfg = load_config(write(tmp_path, "checkpoint: {directory: x, prune_interval_s: 6E+1}\n"
+                                      "training: {learning_rate: 1e-3}\n"))
+    assert cfg.training.learning_rate == 0.001 and cfg.checkpoint.prune_interval_s == 60.0
+    assert apply_overrides(cfg, ["training.learning_rate=2.5e-4"]).training.learning_rate == 0.00025
+    assert apply_overrides(cfg, ["training.learning_rate=5E-5"]).training.learning_rate == 0.00005
+    assert "Received: learning_rate=-0.001" in error_of(write(tmp_path, "checkpoint: {directory: x}\n"
+                                                                         "training: {learning_rate: -1e-3}\n"))
+    # Still typed: a float is no epoch count, and a quoted number stays a string.
+    assert "Received: epochs=1000.0" in error_of(write(tmp_path, "checkpoint: {directory: x}\ntraining: {epochs: 1e3}\n"))
+    assert "Received: learning_rate='1e-3'" in error_of(write(tmp_path, "checkpoint: {directory: x}\n"
+                                                                        "training: {learning_rate: '1e-3'}\n"))
+
+
+def test_user_code_section(tmp_path):
+    cfg = load_config(write(tmp_path, "checkpoint: {directory: x}\nuser_code:\n  imports: [mypkg.layers]\n"
+                                      "  custom_objects: {CustomModel: 'mymodels:CustomModel'}\n"))
+    assert cfg.user_code.imports == ["mypkg.layers"]
+    code = cfg.user_code.user_code()
+    assert code.imports == ("mypkg.layers",) and code.custom_objects == ("CustomModel=mymodels:CustomModel",)
+    assert load_config(write(tmp_path, "checkpoint: {directory: x}\nuser_code:\n")).user_code.user_code() == type(code)()
+    message = error_of(write(tmp_path, "checkpoint: {directory: x}\nuser_code: {custom_objects: {A: mymodels}}\n"))
+    assert "'user_code.custom_objects'" in message and "'A=mymodels'" in message and "NAME=MODULE:ATTR" in message
+    message = error_of(write(tmp_path, "checkpoint: {directory: x}\nuser_code: {imports: [models.py]}\n"))
+    assert "'user_code.imports'" in message and "a file path" in message
+    assert "Did you mean 'imports'?" in error_of(write(tmp_path, "checkpoint: {directory: x}\nuser_code: {import: [a]}\n"))
