@@ -203,11 +203,22 @@ def run_on_ray(
                 raise
             reason = str(exc)
         else:
+            if not result.preempted:
+                _release_memory_tier(cfg)
             if not result.preempted or restarts >= cfg.ray.max_restarts:
                 return replace(result, restarts=restarts), weights
             reason = f"preempted at step {result.final_step}"
         restarts += 1
         log.warning("restarting the workers (%d of %d): %s", restarts, cfg.ray.max_restarts, reason[:300])
+
+
+def _release_memory_tier(cfg: JobConfig) -> None:
+    """A finished run's memory snapshots serve no restart: free their RAM."""
+    from ckptmgr.ray.keepers import MemoryTier
+
+    if cfg.checkpoint.memory_tier.every_steps:
+        stopped = MemoryTier(cfg.checkpoint.directory).stop()
+        log.info("run finished: stopped %d memory-tier keeper(s)", stopped)
 
 
 def _run_once(cfg: JobConfig, *, resume: bool, worker_resources: list[dict[str, float]] | None,
@@ -246,6 +257,9 @@ def _run_once(cfg: JobConfig, *, resume: bool, worker_resources: list[dict[str, 
         for w in workers:
             ray.kill(w)
     lead = results[0]
+    if any(r["preempted"] for r in results) and not ray.get(
+            coordinator.flush_writes.remote(cfg.ray.save_timeout_s)):
+        log.error("the emergency checkpoint is still being persisted after %.0f s", cfg.ray.save_timeout_s)
     final_step = ray.get(coordinator.latest_step.remote())
     return (
         RayJobResult(

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Forward a preemption notice to the training workers on this node, then hold
-# the node up while they write their emergency checkpoint.
+# Pass a preemption notice on to the run: drain this Ray node (Ray's own
+# notice, with a deadline), forward SIGTERM to the training workers on it,
+# then hold the node up while they write their emergency checkpoint.
 #
 # Why: when a Spot VM is reclaimed, the SIGTERM goes to the container's PID 1
 # (KubeRay's `ray start --block` wrapper, or `bash` under the Ray cluster
@@ -22,6 +23,32 @@
 
 GRACE="${1:-25}"
 PATTERN="${CKPTMGR_WORKER_PATTERN:-ray::TrainWorker}"
+
+# First, Ray's own notice: drain this node with reason PREEMPTION and a
+# deadline GRACE seconds away, as the autoscaler and KubeRay do for spot
+# nodes. ckptmgr's coordinator watches Ray's draining nodes: every rank
+# (Ray Train workers too, which cannot catch SIGTERM) takes an emergency
+# snapshot into the memory tier on nodes that are not draining, and storage
+# gets it in the background. The SIGTERM below stays as the fallback.
+# CKPTMGR_DRAIN=0 skips this; CKPTMGR_NODE_ID names the node (default: ask
+# the Ray node this runs on).
+drain_this_node() {
+    [ "${CKPTMGR_DRAIN:-1}" = "0" ] && return 0
+    command -v ray >/dev/null 2>&1 || { echo "forward-sigterm: no ray command; not draining"; return 0; }
+    node="${CKPTMGR_NODE_ID:-$(timeout 15 python3 -c 'import ray; ray.init(address="auto", logging_level="ERROR", log_to_driver=False); print(ray.get_runtime_context().get_node_id())' 2>/dev/null | tail -n 1)}"
+    if [ -z "$node" ]; then
+        echo "forward-sigterm: no Ray node here; not draining"
+        return 0
+    fi
+    if timeout 15 ray drain-node --address "${RAY_ADDRESS:-auto}" --node-id "$node" \
+            --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "preStop: node terminating" \
+            --deadline-remaining-seconds "$GRACE" >/dev/null 2>&1; then
+        echo "forward-sigterm: asked Ray to drain node $node (deadline ${GRACE}s)"
+    else
+        echo "forward-sigterm: ray drain-node failed for node $node; relying on SIGTERM"
+    fi
+}
+drain_this_node
 
 matching() {
     for dir in /proc/[0-9]*; do

@@ -729,7 +729,8 @@ def _spawn(tmp_path: Path, tag: str, marker: str, exit_on_term: bool = True) -> 
 
 
 def _hook(grace: int, pattern: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = dict(os.environ, CKPTMGR_WORKER_PATTERN=pattern)
+    # The drain step is tested against a real Ray cluster (tests/test_memory_tier.py).
+    env = dict(os.environ, CKPTMGR_WORKER_PATTERN=pattern, CKPTMGR_DRAIN="0")
     start = time.monotonic()
     proc = subprocess.run(["sh", str(HOOK), str(grace)], env=env, capture_output=True, text=True, timeout=grace + 30)
     return proc, time.monotonic() - start

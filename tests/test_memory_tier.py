@@ -216,3 +216,32 @@ def test_drained_node_emergency_to_memory_then_automatic_restart_is_exact(cluste
     for got, want in zip(weights, ref_weights, strict=True):
         np.testing.assert_array_equal(got, want)
     _kill_run(directory)
+
+
+def test_the_prestop_hook_drains_its_node_with_a_deadline(cluster):
+    """deploy/forward-sigterm.sh first asks Ray to drain the node (what the
+    coordinator watches), then forwards SIGTERM."""
+    c, nodes = cluster
+    node = _node_id(nodes["spare"])
+
+    @ray.remote(num_cpus=0, resources={"spare": 1})
+    class Busy:  # an idle node drained is let go at once; a working one gets its deadline
+        def ready(self) -> bool:
+            return True
+
+    busy = Busy.remote()
+    assert ray.get(busy.ready.remote())
+    env = dict(os.environ, CKPTMGR_NODE_ID=node, RAY_ADDRESS=c.address,
+               CKPTMGR_WORKER_PATTERN=f"ray::NoSuchActor{time.time_ns()}",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    before_ms = time.time() * 1000
+    proc = subprocess.run(["sh", str(REPO / "deploy" / "forward-sigterm.sh"), "30"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"asked Ray to drain node {node}" in proc.stdout, proc.stdout
+    deadline_ms = draining_nodes().get(node)
+    assert deadline_ms is not None and before_ms + 25_000 < deadline_ms < before_ms + 40_000
+    ray.kill(busy)
+    c.remove_node(nodes["spare"])
+    nodes["spare"] = c.add_node(num_cpus=1, resources={"spare": 1})
+    c.wait_for_nodes()

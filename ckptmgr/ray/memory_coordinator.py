@@ -42,7 +42,7 @@ class MemoryTierMixin:
         meta = {
             "digest": lead.digest, "metrics": lead.metrics, "extra": extra, "loop": lead.loop,
             "time": time.time(), "blocked_s": max(p.blocked_s for p in parts.values()),
-            "world_size": self.options.world_size,
+            "world_size": self.options.world_size, "ranks": sorted(parts),
         }
         try:
             outcome = self._tier.store(step, lead.snapshot_ref[0], meta, producer=lead.extra.get("node"),
@@ -71,7 +71,8 @@ class MemoryTierMixin:
             manifest = self.manager.write_snapshot(
                 step, snapshot, metrics=meta["metrics"], extra=meta["extra"],
                 loop=LoopState(**meta["loop"]) if meta["loop"] else None, blocked_s=meta["blocked_s"],
-                world={"world_size": self.options.world_size, "digest": meta["digest"], "from": "memory"},
+                world={"world_size": self.options.world_size, "ranks": meta["ranks"],
+                       "digest": meta["digest"], "from": "memory"},
             )
             self._metrics.record(step, manifest.stats)
             log.info("emergency step %d persisted from memory %.1f s after the notice", step,
@@ -82,6 +83,17 @@ class MemoryTierMixin:
         future.add_done_callback(
             lambda f: f.exception() is None
             or log.error("emergency step %d not persisted from memory: %s", step, f.exception()))
+
+    def flush_writes(self, timeout_s: float) -> bool:
+        """Wait until memory keeps and storage writes queued so far are done
+        (a preempted run's driver waits for the emergency step to be persisted
+        before it exits); False on timeout."""
+        try:
+            self._keeping.flush(timeout_s)
+            self._writer.flush(timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def memory_copies(self) -> list[dict]:
         """Every copy the memory tier holds, newest first (for ``ckptmgr`` and tests)."""
