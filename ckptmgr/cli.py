@@ -5,37 +5,41 @@ A thin edge over :class:`~ckptmgr.manager.CheckpointManager` and
 
 Errors: any :class:`~ckptmgr.errors.CkptmgrError` (and ``OSError``/``ValueError``
 caused by user input) prints one ``error: ...`` line to stderr and exits 1;
-usage errors exit 2. ``--debug`` shows the traceback instead.
+usage errors are one ``error: ...`` line with the help hint, exit 2.
+``--debug`` shows the traceback instead.
 
-TensorFlow/Keras are imported only by the commands that need them (``export``,
+TensorFlow/Keras are imported only by the commands that build a model
+(``export --format savedmodel``, ``verify --deep``, ``inspect`` with user code,
 ``run``, ``resume``), so ``list``, ``inspect``, ``verify``, ``prune`` and ``pin``
-start in well under a second.
+start in well under a second. ``run``/``resume`` live in :mod:`ckptmgr.cli_run`,
+the user-code options in :mod:`ckptmgr.cli_user_code`, what ``list`` and
+``inspect`` print in :mod:`ckptmgr.cli_show`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from ckptmgr.errors import (
-    CheckpointNotFoundError, CkptmgrError, ConfigError, CorruptCheckpointError, JobStoppedError,
+from ckptmgr.cli_common import (
+    CLICK_ERRORS, STATE, STEP_HELP, StorageOpt, UrlArg, first_line, open_manager, out,
 )
-from ckptmgr.manager import CheckpointManager, Progress
-from ckptmgr.io.backend_errors import is_backend_error, quiet_backend_logs
-from ckptmgr.io.storage import parse_storage_options
+from ckptmgr.cli_export import export as export_command, verify as verify_command
+from ckptmgr.cli_run import EXIT_PREEMPTED, resume as resume_command, run as run_command
 from ckptmgr.cli_show import (
-    console, human, manifest_row, metrics_text, model_summary, optimizer_summary,
-    out, print_inspect, print_superseded, weight_counts, when,
+    built_model_summary, list_cells, manifest_row, model_summary, optimizer_summary,
+    print_inspect, print_list, print_superseded, weight_counts,
 )
+from ckptmgr.cli_user_code import CustomObjectOpt, ImportOpt, load_model, user_code
+from ckptmgr.errors import CkptmgrError, CorruptCheckpointError, JobStoppedError
+from ckptmgr.io.backend_errors import is_backend_error, quiet_backend_logs
+from ckptmgr.manager import CheckpointManager
+from ckptmgr.tf_noise import quiet_environment
 
 app = typer.Typer(
     name="ckptmgr",
@@ -44,22 +48,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-_state = {"debug": False}
-
-URL_HELP = "Checkpoint directory: a local path or an fsspec URL (gs://, s3://, memory://...)."
-OPTION_HELP = "Storage option key=value passed to fsspec (repeatable), e.g. endpoint_url=http://..."
-STEP_HELP = "Checkpoint step (default: the newest)."
-
-UrlArg = typer.Argument(..., help=URL_HELP, metavar="URL", show_default=False)
-StorageOpt = typer.Option(None, "--storage-option", help=OPTION_HELP, metavar="KEY=VALUE")
-
-
-class ExportFormat(str, Enum):
-    weights = "weights"
-    keras = "keras"
-    savedmodel = "savedmodel"
-
 
 class Mode(str, Enum):
     min = "min"
@@ -82,7 +70,7 @@ def _root(
                                  help="Print the version and exit."),
 ) -> None:
     """Rolling, verified, resumable .keras checkpoints on any fsspec storage."""
-    _state["debug"] = debug
+    STATE["debug"] = debug
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if debug else "warning: %(message)s"))
     logger = logging.getLogger("ckptmgr")
@@ -90,61 +78,6 @@ def _root(
     logger.propagate = False
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     quiet_backend_logs(debug)
-
-
-# -- helpers ------------------------------------------------------------------
-
-
-def _manager(url: str, options: list[str] | None, **kwargs: Any) -> CheckpointManager:
-    """A manager on ``url``; a local directory that does not exist is an error."""
-    manager = CheckpointManager(url, storage_options=parse_storage_options(options), **kwargs)
-    storage = manager.storage
-    if storage.is_local and not os.path.isdir(storage.root):
-        raise CheckpointNotFoundError(
-            f"No checkpoint directory at {url}: it does not exist. Check the path."
-        )
-    return manager
-
-
-def _require_steps(manager: CheckpointManager) -> list[int]:
-    steps = manager.steps()
-    if not steps:
-        raise CheckpointNotFoundError(f"No checkpoints under {manager.directory}.")
-    return steps
-
-
-@contextmanager
-def _progress(description: str) -> Iterator[Progress | None]:
-    """A byte progress bar on stderr when it is a terminal; else no callback."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress as RichProgress,
-        TextColumn,
-        TransferSpeedColumn,
-    )
-
-    bar = RichProgress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=console(stderr=True),
-        transient=True,
-    )
-    task = None
-
-    def advance(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            task = bar.add_task(description, total=total)
-        bar.update(task, advance=done, total=total)
-
-    with bar:
-        yield advance
 
 
 # -- listing and inspecting ------------------------------------------------------
@@ -156,8 +89,12 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array instead of a table."),
     storage_option: Optional[list[str]] = StorageOpt,
 ) -> None:
-    """List committed checkpoints: step, created, size, save times, metrics, pinned."""
-    manager = _manager(url, storage_option)
+    """List committed checkpoints: step, created, size, epoch, save times, metrics, pinned.
+
+    Columns that do not fit the terminal are left out (save times first), and
+    the metrics wrap; the step is always shown whole.
+    """
+    manager = open_manager(url, storage_option)
     manifests = manager.manifests()
     pinned = manager.storage.pinned_steps()
     rows = [manifest_row(manager, m, pinned) for m in manifests]
@@ -169,26 +106,7 @@ def list_(
         typer.echo(f"no checkpoints under {manager.directory}", err=True)
         print_superseded(superseded)
         return
-    from rich.table import Table
-
-    table = Table(title=manager.directory, title_justify="left")
-    for name, justify in [("step", "right"), ("created", "left"), ("size", "right"),
-                          ("epoch", "right"), ("blocked", "right"), ("write", "right"),
-                          ("MB/s", "right"), ("metrics", "left"), ("pinned", "left")]:
-        table.add_column(name, justify=justify, no_wrap=name != "metrics")
-    for m, row in zip(manifests, rows):
-        table.add_row(
-            str(m.step),
-            when(m.created),
-            human(row["bytes"]),
-            "" if row["epoch"] is None else str(row["epoch"]),
-            f"{m.stats.blocked_s:.3f}s",
-            f"{m.stats.write_s:.2f}s",
-            f"{m.stats.mb_per_s:.0f}",
-            metrics_text(m.metrics),
-            "pinned" if row["pinned"] else "",
-        )
-    console().print(table)
+    print_list(manager.directory, [list_cells(m, row) for m, row in zip(manifests, rows)])
     print_superseded(superseded)
 
 
@@ -198,15 +116,18 @@ def inspect(
     step: Optional[int] = typer.Option(None, "--step", help=STEP_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     storage_option: Optional[list[str]] = StorageOpt,
+    custom_object: Optional[list[str]] = CustomObjectOpt,
+    import_: Optional[list[str]] = ImportOpt,
 ) -> None:
     """Show one checkpoint: manifest, loop state, save stats, model, optimizer, files.
 
     Reads only the archive's config.json and weight shapes; does not build the
-    model or verify checksums (use `ckptmgr verify`).
+    model or verify checksums (use `ckptmgr verify`). With --custom-object or
+    --import it builds the model (TensorFlow) and lists its layers as Keras does.
     """
     from ckptmgr.io.archive import check_layout, open_weights, read_json_member
 
-    manager = _manager(url, storage_option)
+    manager = open_manager(url, storage_option)
     m = manager.manifest(step)
     with manager.storage.open_archive(m.archive) as f:
         try:
@@ -216,7 +137,12 @@ def inspect(
         config = read_json_member(f, "config.json")
         with open_weights(f) as h5:
             counts = weight_counts(h5)
-    model = model_summary(config, counts)
+    code = user_code(custom_object, import_)
+    if code:
+        built = load_model(manager, m.step, code, compile=False)
+        model = built_model_summary(built, counts)
+    else:
+        model = model_summary(config, counts)
     optimizer = optimizer_summary(config)
     pinned = m.step in manager.storage.pinned_steps()
     if as_json:
@@ -235,82 +161,10 @@ def inspect(
     print_inspect(manager, m, pinned, model, optimizer)
 
 
-# -- integrity and export ------------------------------------------------------
+# -- integrity and export (ckptmgr.cli_export) -----------------------------------
 
-
-@app.command()
-def verify(
-    url: str = UrlArg,
-    step: Optional[int] = typer.Option(None, "--step", help="Verify only this step (default: all)."),
-    storage_option: Optional[list[str]] = StorageOpt,
-) -> None:
-    """Recompute checksums; exit 0 only if every checked checkpoint is intact."""
-    manager = _manager(url, storage_option)
-    steps = [step] if step is not None else _require_steps(manager)
-    bad = 0
-    for s in steps:
-        with _progress(f"verify step {s}") as progress:
-            results = manager.verify(s, progress=progress)
-        for result in results:
-            if result.ok:
-                out(f"ok step {result.step}")
-            else:
-                bad += 1
-                out(f"bad {result.problem}")
-    if bad:
-        raise typer.Exit(1)
-
-
-@app.command()
-def export(
-    url: str = UrlArg,
-    output: str = typer.Option(..., "--output", "-o", help="Destination path or URL.", show_default=False),
-    fmt: ExportFormat = typer.Option(..., "--format", "-f", help="weights (.weights.h5), keras (.keras) or savedmodel (directory)."),
-    step: Optional[int] = typer.Option(None, "--step", help=STEP_HELP),
-    unsafe: bool = typer.Option(False, "--unsafe", help="savedmodel: allow Python lambdas (only for checkpoints you trust)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at the destination."),
-    no_optimizer: bool = typer.Option(False, "--no-optimizer", help="weights: leave the optimizer state out (model.save_weights keeps it)."),
-    storage_option: Optional[list[str]] = StorageOpt,
-    dest_option: Optional[list[str]] = typer.Option(
-        None, "--dest-option", metavar="KEY=VALUE",
-        help="Storage option for the destination (repeatable); default: the --storage-option values when both are on the same backend.",
-    ),
-) -> None:
-    """Export a verified checkpoint as weights, a .keras file or a SavedModel."""
-    manager = _manager(url, storage_option)
-    dest_options = _dest_options(url, output, storage_option, dest_option)
-    if fmt is ExportFormat.savedmodel:
-        kwargs: dict[str, Any] = {"storage_options": dest_options, "overwrite": overwrite}
-        if unsafe:
-            import inspect as _inspect
-
-            if "safe_mode" not in _inspect.signature(manager.export_saved_model).parameters:
-                raise ConfigError(
-                    "--unsafe is not supported by CheckpointManager.export_saved_model "
-                    "in this version; export --format keras and load it with safe_mode=False."
-                )
-            kwargs["safe_mode"] = False
-        done = manager.export_saved_model(output, step, **kwargs)
-    elif fmt is ExportFormat.weights:
-        with _progress("export") as progress:
-            done = manager.export_weights(output, step, storage_options=dest_options, progress=progress,
-                                          overwrite=overwrite, include_optimizer=not no_optimizer)
-    else:
-        if no_optimizer:
-            raise ConfigError("--no-optimizer applies to --format weights only.")
-        with _progress("export") as progress:
-            done = manager.export_keras(output, step, storage_options=dest_options, progress=progress,
-                                        overwrite=overwrite)
-    out(f"exported {fmt.value} to {done}")
-
-
-def _dest_options(url: str, output: str, source: list[str] | None, dest: list[str] | None) -> dict[str, Any]:
-    if dest:
-        return parse_storage_options(dest)
-    from fsspec.core import split_protocol
-
-    same = (split_protocol(url)[0] or "file") == (split_protocol(output)[0] or "file")
-    return parse_storage_options(source) if same else {}
+app.command("verify")(verify_command)
+app.command("export")(export_command)
 
 
 # -- retention -----------------------------------------------------------------
@@ -353,7 +207,7 @@ def prune(
         keep_best_mode=mode.value,
         keep_within=keep_within,
     )
-    manager = _manager(url, storage_option, sweep_grace_s=sweep_grace)
+    manager = open_manager(url, storage_option, sweep_grace_s=sweep_grace)
     if superseded:
         _prune_superseded(manager, dry_run)
         if no_rule:
@@ -387,7 +241,7 @@ def pin(
     storage_option: Optional[list[str]] = StorageOpt,
 ) -> None:
     """Protect a checkpoint from pruning."""
-    _manager(url, storage_option).pin(step, True)
+    open_manager(url, storage_option).pin(step, True)
     out(f"pinned step {step}")
 
 
@@ -398,7 +252,7 @@ def unpin(
     storage_option: Optional[list[str]] = StorageOpt,
 ) -> None:
     """Let a pinned checkpoint be pruned again."""
-    _manager(url, storage_option).pin(step, False)
+    open_manager(url, storage_option).pin(step, False)
     out(f"unpinned step {step}")
 
 
@@ -409,141 +263,76 @@ def lease(
 ) -> None:
     """Show which writer holds the directory. The newest claim wins: a job that
     starts writing here takes over by itself and the previous writer is fenced."""
-    holder = _manager(url, storage_option).lease.current()
+    holder = open_manager(url, storage_option).lease.current()
     out(holder.describe() if holder else f"no writer has claimed {url}")
 
 
-# -- the example job -------------------------------------------------------------
+# -- the example job (ckptmgr.cli_run) -------------------------------------------
 
-ConfigArg = typer.Argument(..., help="YAML job config, e.g. configs/local.yaml.", metavar="CONFIG", show_default=False)
-SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config field (repeatable), e.g. training.epochs=5.")
-
-
-AddressOpt = typer.Option(None, "--address", help="Ray cluster address (sets ray.address); default: start a local one.")
-LocalOpt = typer.Option(False, "--no-ray", help="Train in this process instead of on Ray workers.")
-JsonRunOpt = typer.Option(False, "--json", help="Print one JSON object at the end (resumed_from, final_step, ...) instead of the summary line.")
-
-
-@app.command()
-def run(
-    config: str = ConfigArg,
-    set_: Optional[list[str]] = SetOpt,
-    address: Optional[str] = AddressOpt,
-    no_ray: bool = LocalOpt,
-    as_json: bool = JsonRunOpt,
-) -> None:
-    """Train the example job on Ray; continues from the newest checkpoint if there is one."""
-    _run_job(config, set_, resume=False, address=address, on_ray=not no_ray, as_json=as_json)
-
-
-@app.command()
-def resume(
-    config: str = ConfigArg,
-    set_: Optional[list[str]] = SetOpt,
-    address: Optional[str] = AddressOpt,
-    no_ray: bool = LocalOpt,
-    as_json: bool = JsonRunOpt,
-) -> None:
-    """Continue the example job from its newest good checkpoint (error if there is none)."""
-    _run_job(config, set_, resume=True, address=address, on_ray=not no_ray, as_json=as_json)
-
-
-def _run_job(config: str, overrides: list[str] | None, *, resume: bool, address: str | None, on_ray: bool,
-             as_json: bool = False) -> None:
-    from ckptmgr.config import apply_overrides, load_config, set_values
-
-    cfg = apply_overrides(load_config(config), overrides)
-    if address is not None:
-        cfg = set_values(cfg, {"ray.address": address}, {"ray.address": "--address"})
-    if on_ray:
-        from ckptmgr.ray_job import run_on_ray
-
-        result, _ = run_on_ray(cfg, resume=resume)
-        where = f"on Ray with {cfg.ray.num_workers} workers"
-    else:
-        from ckptmgr import job
-
-        # The callback passes SIGTERM on to this handler after its emergency
-        # checkpoint, so the run ends here with its summary and status 75.
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        try:
-            result = job.run_local(cfg, resume=resume)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        where = "in this process"
-    if as_json:
-        _out_json_result(result)
-        if result.preempted:
-            raise typer.Exit(EXIT_PREEMPTED)
-        return
-    start = f"resumed from step {result.restored_step}" if result.restored_step is not None else "started fresh"
-    if result.preempted:
-        out(f"{cfg.name}: {start}; stopped by preemption {where} at step {result.final_step} "
-            f"after an emergency checkpoint; `ckptmgr resume` continues; checkpoints in {result.directory}")
-        raise typer.Exit(EXIT_PREEMPTED)
-    loss = f"final loss {result.final_loss:.4g}" if result.final_loss is not None else "already complete"
-    out(
-        f"{cfg.name}: {start}; trained {where} to step {result.final_step} "
-        f"({cfg.training.epochs} epoch{'s' if cfg.training.epochs != 1 else ''}), {loss}; "
-        f"checkpoints in {result.directory}"
-    )
-
-
-def _out_json_result(result) -> None:
-    """What a run did, for scripts and tests (``--json``)."""
-    resumed = result.restored_step
-    out(json.dumps({
-        "resumed_from": None if resumed is None else {"step": resumed, "tier": "storage"},
-        "final_step": result.final_step,
-        "restarts": 0,
-        "preempted": bool(result.preempted),
-        "final_loss": result.final_loss,
-        "directory": result.directory,
-        "exit_status": EXIT_PREEMPTED if result.preempted else 0,
-    }))
+app.command("run")(run_command)
+app.command("resume")(resume_command)
 
 
 # -- entry point -------------------------------------------------------------------
 
 
-# A run stopped by a preemption or a lost node exits with EX_TEMPFAIL (sysexits.h):
-# "try again later". Never 0, so `resume || run` and KubeRay's backoffLimit restart it.
-EXIT_PREEMPTED = 75
+def _usage_error(exc, argv: list[str]) -> str:
+    """A usage error as one line: the problem, then the help hint."""
+    message = " ".join(exc.format_message().replace("Value error, ", "").split()).rstrip(".")
+    if exc.ctx is not None:
+        command = exc.ctx.command_path
+    else:  # raised by a command itself
+        names = [a for a in argv if a in app_command_names()]
+        command = f"ckptmgr {names[0]}" if names else "ckptmgr"
+    return f"error: {message}. Try '{command} --help'."
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    if not isinstance(exc, CkptmgrError):
-        line = f"{type(exc).__name__}: {line}"
-    return line
+def app_command_names() -> set[str]:
+    return {c.name or c.callback.__name__ for c in app.registered_commands}
+
+
+_NO_ARGS = getattr(CLICK_ERRORS, "NoArgsIsHelpError", ())  # click >= 8.2; before, help exits 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _state["debug"] = False
+    quiet_environment()  # before anything imports TensorFlow
+    STATE["debug"] = False
     try:
-        app(args=argv, prog_name="ckptmgr")
+        code = app(args=argv, prog_name="ckptmgr", standalone_mode=False)
+    except _NO_ARGS as exc:
+        text = exc.ctx.get_help()  # typer's rich help prints itself and returns ""
+        if text:
+            out(text)
+        return exc.exit_code
+    except CLICK_ERRORS.UsageError as exc:
+        typer.echo(_usage_error(exc, sys.argv[1:] if argv is None else argv), err=True)
+        return exc.exit_code
+    except CLICK_ERRORS.ClickException as exc:
+        typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        return 130
     except JobStoppedError as exc:  # a node was lost: not a finished run, not a bad config
-        if _state["debug"]:
+        if STATE["debug"]:
             raise
-        typer.echo(f"error: {_first_line(exc)}", err=True)
+        typer.echo(f"error: {first_line(exc)}", err=True)
         return EXIT_PREEMPTED
     except (CkptmgrError, OSError, ValueError, ArithmeticError) as exc:
-        if _state["debug"]:
+        if STATE["debug"]:
             raise
-        typer.echo(f"error: {_first_line(exc)}", err=True)
+        typer.echo(f"error: {first_line(exc)}", err=True)
         return 1
     except Exception as exc:  # a storage library's own error that escaped translation
-        if _state["debug"] or not is_backend_error(exc):
+        if STATE["debug"] or not is_backend_error(exc):
             raise
-        typer.echo(f"error: storage failed: {_first_line(exc)}", err=True)
+        typer.echo(f"error: storage failed: {first_line(exc)}", err=True)
         return 1
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -144,7 +144,8 @@ def test_inspect_shows_manifest_loop_model_optimizer_and_files(saved):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "step 20" in out
-    assert "saved at epoch 1, batch 5; next: epoch 2, batch 0" in out
+    # Epochs and batches as Keras shows them (from 1); the manifest says epoch=1, next_epoch=2.
+    assert "saved in epoch 2 after batch 5; resumes at the start of epoch 3" in out
     assert "Sequential 'tiny'" in out and "19 parameters" in out
     assert "Dense" in out and "units=3, activation=relu" in out
     assert "Adam" in out and "learning_rate=0.001" in out
