@@ -295,3 +295,15 @@ def test_scientific_notation_in_a_config_through_the_cli(tmp_path):
     assert "nothing to resume" in line.lower()  # the config was accepted
     line = assert_clean_failure(cli_without_ray("resume", config, "--set", "training.learning_rate=-2e-4"))
     assert "'training.learning_rate'" in line and "Received: learning_rate=-0.0002" in line
+
+
+def test_resume_asks_ray_when_a_cluster_may_hold_the_run_in_memory(tmp_path):
+    """Storage holds nothing, but a running cluster's memory tier may: then
+    resume asks the cluster (here Ray is blocked, so the import is the proof)."""
+    config = tmp_path / "job.yaml"
+    config.write_text(f"checkpoint: {{directory: {tmp_path / 'none'}, memory_tier: {{every_steps: 5}}}}\n"
+                      "ray: {address: 'ray://head:10001'}\n")
+    result = cli_without_ray("resume", config)
+    assert result.returncode != 0 and "ray is blocked in this test" in result.stderr
+    line = assert_clean_failure(cli_without_ray("resume", config, "--set", "ray.address=null"))
+    assert "nothing to resume" in line.lower()  # a new local cluster holds nothing
