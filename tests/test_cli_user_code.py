@@ -14,12 +14,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_cli import CKPTMGR, REPO_ROOT, SMALL, assert_clean_failure, cli, error_lines
+from test_cli import CKPTMGR, REPO_ROOT, SMALL, assert_clean_failure
 
 MYMODELS = textwrap.dedent('''
     import keras
