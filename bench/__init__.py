@@ -27,4 +27,5 @@ SECTIONS: dict[str, str] = {
     "S7": "Profile: where ckptmgr spends its time",
     "S8": "Save cadence on paper: lost work per failure, save_freq='auto' vs fixed intervals",
     "S9": "Replica-parallel writes: N ranks write one archive (local disk; object stores through a capped proxy)",
+    "S10": "Recovery by tier: restore from memory / local disk / gs://, emergency snapshot into memory",
 }

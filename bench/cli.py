@@ -105,6 +105,12 @@ def _sections(ctx: Context) -> None:
             from bench import remote
 
             _run(ctx, "S4", "gs:// throughput", remote.gcs_throughput)
+        if s.skip_ray or s.skip_gcs:
+            ctx.report.skipped("S10", "recovery by tier", "--skip-ray/--skip-gcs")
+        else:
+            from bench import tiers
+
+            _run(ctx, "S10", "recovery by tier", tiers.recovery_by_tier)
     # Free the driver's model before Ray workers build their own copies.
     ctx.model = None
     ctx.block = None

@@ -160,6 +160,14 @@ class MemoryTier:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(self.directory, self.retain)
 
+    def warm(self, producer: str | None) -> None:
+        """Start the keepers now (a worker process each takes seconds), so the
+        first snapshot, maybe an emergency one, does not wait for them."""
+        import ray
+
+        handles = [self.keeper_on(node) for node in self.target_nodes(producer, set())]
+        ray.get([h.node_id.remote() for h in handles], timeout=self.timeout_s)
+
     # -- storing -------------------------------------------------------------------
     def store(self, step: int, ref, meta: dict, *, producer: str | None,
               draining: set[str] = frozenset()) -> dict:

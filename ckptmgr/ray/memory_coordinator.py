@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -146,6 +147,14 @@ class MemoryTierMixin:
     def register_node(self, rank: int, node_id: str) -> None:
         """Rank ``rank`` trains on ``node_id`` (its drain is the run's notice)."""
         self._rank_nodes[rank] = node_id
+        if rank == 0 and self._tier is not None:
+            threading.Thread(target=self._warm_keepers, args=(node_id,), daemon=True).start()
+
+    def _warm_keepers(self, producer: str) -> None:
+        try:
+            self._tier.warm(producer)
+        except Exception as exc:  # noqa: BLE001 - the first keep starts them instead
+            log.warning("memory tier: could not start keepers ahead (%s)", exc)
 
     def _on_drain_notice(self, notice: DrainNotice) -> None:
         left = notice.seconds_left()

@@ -1,0 +1,102 @@
+"""S10: recovery by tier (issue 11): how long a restore takes from the memory
+tier, from local disk and from gs:// (fake-gcs-server), and how long an
+emergency snapshot of the whole state takes to reach memory on another node,
+against a 15 s and a 30 s preemption notice.
+
+Runs on a ``ray.cluster_utils.Cluster`` with a head and two worker nodes on
+this machine: the keepers sit on other nodes than the driver's (the
+producer), as on a real cluster; the transfer goes through Ray's object
+manager, but between processes of one machine, not over a network.
+"""
+
+from __future__ import annotations
+
+import bench  # noqa: F401
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import median
+from bench.context import Context
+from bench.gcs import GCSServer
+from bench.report import Row
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def recovery_by_tier(ctx: Context) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ckptmgr import CheckpointManager
+    from ckptmgr.coordinator import CoordinatorOptions, get_or_create
+    from ckptmgr.distributed import CoordinatorClient
+    from ckptmgr.io.manifest import LoopState
+    from ckptmgr.ray.keepers import MemoryTier
+    from ckptmgr.ray_job import WORKER_ENV
+
+    model = ctx.model
+    if model is None:
+        raise RuntimeError("the model could not be set up (see the setup error)")
+    reps = 2 if ctx.settings.quick else 4  # the first keep also starts the keepers: reported apart
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    env = dict(WORKER_ENV, PYTHONPATH=REPO)
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+    work = tempfile.mkdtemp(prefix="ckptmgr-s10-")
+    try:
+        directory = os.path.join(work, "run")
+        options = CoordinatorOptions(directory, world_size=1, memory_replicas=2)
+        get_or_create(options)
+        client = CoordinatorClient(options, rank=0)
+        client.prepare(model)
+        keep_s, memory_s, disk_s = [], [], []
+        for rep in range(reps):
+            step = 100 + rep
+            started = time.perf_counter()
+            outcome = client.save(step, model, loop=LoopState(), tier="memory").result()
+            keep_s.append(time.perf_counter() - started)
+            if not outcome.get("memory"):
+                raise RuntimeError(f"memory snapshot failed: {outcome}")
+            started = time.perf_counter()
+            client.restore(model)
+            memory_s.append(time.perf_counter() - started)
+            if client.restored_tier != "memory":
+                raise RuntimeError(f"restored from {client.restored_tier}, not memory")
+        local = CheckpointManager(os.path.join(work, "local"), keep_last=1)
+        nbytes = local.save(1, model, blocking=True).stats.bytes
+        for _ in range(reps):
+            started = time.perf_counter()
+            local.restore(model, 1)
+            disk_s.append(time.perf_counter() - started)
+        with GCSServer() as gcs:
+            remote = CheckpointManager(gcs.new_url("s10-"), storage_options=gcs.storage_options, keep_last=1)
+            remote.save(1, model, blocking=True)
+            gs_s = []
+            for _ in range(reps):
+                started = time.perf_counter()
+                remote.restore(model, 1)
+                gs_s.append(time.perf_counter() - started)
+        MemoryTier(directory).stop()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    first_keep, keep = keep_s[0], median(keep_s[1:])
+    mem, disk, gs = median(memory_s), median(disk_s), median(gs_s)
+    add = ctx.report.add
+    add(Row("S10", f"emergency snapshot into memory on 2 other nodes ({nbytes / 1e9:.2f} GB)", keep, "s",
+            "15 s notice (GKE pods)", 15.0, "s", keep / 15.0, "<=", 1.0, "<= 1x a 15 s notice",
+            note=f"first one, keepers starting: {first_keep:.2f} s"))
+    add(Row("S10", "emergency snapshot into memory vs a 30 s notice", keep, "s",
+            "30 s notice (GCP spot)", 30.0, "s", keep / 30.0, "<=", 1.0, "<= 1x a 30 s notice"))
+    add(Row("S10", "restore from memory (fetch, digest, apply) vs from gs:// (emulator)", mem, "s",
+            "restore from gs://", gs, "s", gs / mem, ">=", 5.0, "memory >= 5x faster than gs://"))
+    add(Row("S10", "restore from memory vs from local disk", mem, "s", "restore from local disk", disk, "s",
+            disk / mem, None, None, "information"))
+    ctx.log(f"S10: keep {keep:.2f}s, restore memory {mem:.2f}s, disk {disk:.2f}s, gs {gs:.2f}s")
