@@ -112,8 +112,11 @@ def test_a_preempted_cli_run_exits_75_says_so_in_json_and_resume_finishes_it(tmp
     assert stopped.extra.get("emergency") is True
     report = json.loads(out.strip().splitlines()[-1])  # --json: one object, what happened
     assert report == {"resumed_from": None, "final_step": stopped.step, "restarts": 0, "preempted": True,
-                      "final_loss": report["final_loss"], "directory": str(directory), "exit_status": 75}
-    resume = _cli("resume", "configs/local.yaml", "--no-ray", *sets[:-4], "--set", "training.epochs=2",
+                      "final_loss": report["final_loss"], "directory": str(directory), "exit_status": 75,
+                      "nothing_to_do": False}
+    # One batch per epoch: two more epochs than the emergency checkpoint completed.
+    resume = _cli("resume", "configs/local.yaml", "--no-ray", *sets[:-4],
+                  "--set", f"training.epochs={stopped.step + 2}",
                   "--set", "training.samples=64")
     out, err = resume.communicate(timeout=300)
     assert resume.returncode == 0, (out, err[-2000:])
@@ -127,7 +130,9 @@ def test_a_lost_node_is_status_75_not_1(monkeypatch, capsys):
     def lost(*args, **kwargs):
         raise JobStoppedError("The job stopped: worker rank 1 failed (ActorDiedError: node lost).")
 
-    monkeypatch.setattr(cli, "_run_job", lost)
+    from ckptmgr import cli_run
+
+    monkeypatch.setattr(cli_run, "run_job", lost)
     assert cli.main(["run", "configs/local.yaml"]) == 75
     assert capsys.readouterr().err.strip() == "error: The job stopped: worker rank 1 failed (ActorDiedError: node lost)."
 
@@ -168,9 +173,7 @@ def test_the_summary_of_a_preempted_run_never_says_it_finished(monkeypatch, caps
                              directory="/ck", preempted=True)
 
     monkeypatch.setattr(job, "run_local", preempted)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["run", "configs/local.yaml", "--no-ray", *(["--json"] if as_json else [])])
-    assert exit_.value.code == 75
+    assert cli.main(["run", "configs/local.yaml", "--no-ray", *(["--json"] if as_json else [])]) == 75
     out = capsys.readouterr().out
     if as_json:
         assert json.loads(out)["resumed_from"] == {"step": 4, "tier": "storage"}
@@ -194,3 +197,22 @@ def test_a_handler_not_installed_from_python_is_replaced_by_the_default(monkeypa
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_max_restarts_flag_sets_the_restart_budget_of_the_run(monkeypatch, tmp_path, capsys):
+    """`ckptmgr run --max-restarts N` is ray.max_restarts (issue 11, item 5);
+    a negative count is a usage error."""
+    from ckptmgr import cli, ray_job
+
+    seen = {}
+
+    def fake_run_on_ray(cfg, *, resume):
+        seen["max_restarts"] = cfg.ray.max_restarts
+        raise ray_job.JobStoppedError("The job stopped: stop here (test).")
+
+    monkeypatch.setattr(ray_job, "run_on_ray", fake_run_on_ray)
+    sets = ["--set", f"checkpoint.directory={tmp_path / 'ck'}"]
+    assert cli.main(["run", "configs/local.yaml", "--max-restarts", "3", *sets]) == 75
+    assert seen == {"max_restarts": 3}
+    assert cli.main(["run", "configs/local.yaml", "--max-restarts", "-1", *sets]) == 2
+    assert "--max-restarts" in capsys.readouterr().err
