@@ -416,6 +416,10 @@ class CoordinatorClient:
                         "; the coordinator persists it to storage in the background" if reached == "memory" else "")
         return reached is not None
 
+    def note_deadline(self, deadline_ms: int | None) -> None:
+        """A notice's deadline (Unix ms) for the next emergency save (Ray Train's)."""
+        self._deadline_ms = deadline_ms or None
+
     def _seconds_to_deadline(self) -> float:
         """The grace period, or less when Ray's drain notice names an earlier
         deadline (minus a second to stop cleanly)."""

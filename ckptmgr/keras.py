@@ -30,6 +30,7 @@ import numpy as np
 
 from ckptmgr.cadence import AutoSaveFreq, committed_manifest, job_mtbf_s, parse_mtbf
 from ckptmgr.distributed import client_for
+from ckptmgr.ray.train_notices import RayTrainNotices
 from ckptmgr.preemption import SigtermGuard, clear_preemption, preemption_requested
 from ckptmgr.errors import ConfigError
 from ckptmgr.manager import CheckpointManager
@@ -184,6 +185,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.grace_period_s = grace_period_s
         self.preempted = False
         self._sigterm = SigtermGuard()
+        self._train_notices = RayTrainNotices()  # inside Ray Train: get_preemption_info()
         self.restored_step: int | None = None
         self.restored_manifest: Manifest | None = None
         self.restored_tier: str | None = None  # "memory" or "storage"
@@ -310,7 +312,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         before = self._global_step
         self._global_step += done
         self._batch = batch + 1
-        if self._emergency_due():
+        if self._emergency_due(before):
             self._emergency_save(logs)
             return
         if self._batch_save_due(before, done):
@@ -336,10 +338,18 @@ class CheckpointCallback(keras.callbacks.Callback):
         return bool(steps) and self._batch >= steps
 
     # -- preemption ---------------------------------------------------------------
-    def _emergency_due(self) -> bool:
-        """SIGTERM here, or on any rank of the run: save at an agreed step, stop."""
+    def _emergency_due(self, before: int) -> bool:
+        """A preemption notice: SIGTERM here or on any rank, or Ray draining a
+        node of the run (both through the coordinator), or, inside Ray Train,
+        ``get_preemption_info()``: save at a step every rank agrees on."""
         poll = getattr(self.manager, "emergency_step", None)
-        if poll is None:
+        if self._train_notices.available:
+            info = self._train_notices.poll(before, self._global_step)
+            if info is not None:  # every rank sees it at the same call: this step
+                self._emergency_target = self._global_step
+                if hasattr(self.manager, "note_deadline"):
+                    self.manager.note_deadline(info.deadline_ms)
+        elif poll is None:
             if preemption_requested():
                 clear_preemption()
                 self._emergency_target = self._global_step
@@ -361,6 +371,13 @@ class CheckpointCallback(keras.callbacks.Callback):
             ok = True
         if ok:
             self._last_saved_step = self._global_step
+        if self._train_notices.available:
+            # Ray Train's advice: keep training; when the node goes it restarts the
+            # workers and this callback restores the newest tier. Returning would finish the run.
+            log.warning("emergency checkpoint at step %d %s; training continues until the node goes",
+                        self._global_step, "committed" if ok else "abandoned")
+            self._emergency_target = None
+            return
         log.warning("emergency checkpoint at step %d %s; stopping training",
                     self._global_step, "committed" if ok else "abandoned")
         self.preempted = True

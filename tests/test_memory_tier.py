@@ -9,6 +9,7 @@ KubeRay would. Marked slow, run in CI.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,9 @@ PLACEMENT = [{"rank0": 1}, {"rank1": 1}]
 @pytest.fixture(scope="module")
 def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes = {name: c.add_node(num_cpus=1, resources={name: 1}) for name in ("rank0", "rank1", "spare")}
+    # "trainer": where Ray Train may place its ranks (never the head).
+    nodes = {name: c.add_node(num_cpus=1, resources={name: 1, "trainer": 1})
+             for name in ("rank0", "rank1", "spare")}
     c.wait_for_nodes()
     env = dict(WORKER_ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
     ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=False)
@@ -121,7 +124,7 @@ def test_lost_coordinator_node_and_replica_other_copy_serves(cluster, tmp_path):
     outcome = _keep(coord, 40, snap, node=_node_id(nodes["rank1"]))
     assert spare in outcome["nodes"], outcome  # one replica beside the coordinator
     c.remove_node(nodes["spare"])
-    nodes["spare"] = c.add_node(num_cpus=1, resources={"spare": 1})
+    nodes["spare"] = c.add_node(num_cpus=1, resources={"spare": 1, "trainer": 1})
     c.wait_for_nodes()
     fresh = get_or_create(options)  # what a resuming driver does
     plan = ray.get(fresh.restore_plan.remote())
@@ -203,7 +206,7 @@ def test_drained_node_emergency_to_memory_then_automatic_restart_is_exact(cluste
     assert emergency["node"] != _node_id(drained)
     # The node goes; a replacement arrives; the run restarts by itself.
     c.remove_node(drained)
-    nodes["rank1"] = c.add_node(num_cpus=1, resources={"rank1": 1})
+    nodes["rank1"] = c.add_node(num_cpus=1, resources={"rank1": 1, "trainer": 1})
     c.wait_for_nodes()
     thread.join(300)
     assert "result" in outcome, outcome
@@ -243,5 +246,90 @@ def test_the_prestop_hook_drains_its_node_with_a_deadline(cluster):
     assert deadline_ms is not None and before_ms + 25_000 < deadline_ms < before_ms + 40_000
     ray.kill(busy)
     c.remove_node(nodes["spare"])
-    nodes["spare"] = c.add_node(num_cpus=1, resources={"spare": 1})
+    nodes["spare"] = c.add_node(num_cpus=1, resources={"spare": 1, "trainer": 1})
     c.wait_for_nodes()
+
+
+def user_train_loop(config: dict) -> None:
+    """A Ray Train loop with the user's own model (not the example job)."""
+    import hashlib
+
+    import keras
+    import ray.train
+    import tensorflow as tf
+
+    from ckptmgr.keras import CheckpointCallback
+    from ckptmgr.keras_compat import apply_multiworker_fit_patch
+
+    keras.utils.set_random_seed(7)
+    apply_multiworker_fit_patch()
+    with tf.distribute.MultiWorkerMirroredStrategy().scope():
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    x = np.random.default_rng(3).normal(size=(512, 8)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    callback = CheckpointCallback(config["directory"], save_freq=64, memory_every=4, memory_replicas=2)
+    model.fit(x, y, batch_size=32, epochs=config["epochs"], shuffle=False, verbose=0, callbacks=[callback])
+    digest = hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
+    if ray.train.get_context().get_world_rank() == 0:  # what the driver checks (same machine)
+        Path(config["report"]).write_text(json.dumps({
+            "weights_sha256": digest, "restored_step": callback.restored_step,
+            "restored_tier": callback.restored_tier}))
+
+
+def _ray_train(directory: str, storage: Path, epochs: int):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    return TensorflowTrainer(
+        user_train_loop,
+        train_loop_config={"directory": directory, "epochs": epochs, "report": str(storage / "report.json")},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1, "trainer": 1}),
+        run_config=RunConfig(name="ckptmgr-preempt", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=2)),
+    )
+
+
+def test_ray_train_preemption_info_snapshots_to_memory_and_the_restart_is_exact(cluster, tmp_path):
+    c, nodes = cluster
+    epochs = 12  # 16 steps an epoch
+    reference = _ray_train(str(tmp_path / "ref"), tmp_path / "ray_ref", epochs).fit()
+    assert reference.error is None
+    want = json.loads((tmp_path / "ray_ref" / "report.json").read_text())
+    _kill_run(str(tmp_path / "ref"))
+
+    directory = str(tmp_path / "run")
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault(
+        "result", _ray_train(directory, tmp_path / "ray_run", epochs).fit()))
+    thread.start()
+    manager = CheckpointManager(directory)
+    deadline = time.monotonic() + 240
+    while (manager.latest_step() or 0) < 64 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    persisted_before = manager.latest_step()
+    assert persisted_before is not None, outcome
+    coord = find(directory)
+    rank_nodes = ray.get(coord.rank_nodes.remote())
+    victim = rank_nodes[1]
+    by_id = {_node_id(n): name for name, n in nodes.items()}
+    assert victim in by_id, rank_nodes  # a worker node, not the head
+    _drain(c.address, victim, deadline_s=60)
+    emergency = None
+    while emergency is None and time.monotonic() < deadline:
+        emergency = next((x for x in ray.get(coord.memory_copies.remote()) if x.get("emergency")), None)
+        time.sleep(0.05)
+    assert emergency is not None, f"no emergency snapshot reached memory: {outcome}"
+    assert emergency["node"] != victim
+    name = by_id[victim]
+    c.remove_node(nodes[name])  # the node goes; Ray Train restarts the workers elsewhere
+    nodes[name] = c.add_node(num_cpus=1, resources={name: 1, "trainer": 1})
+    thread.join(400)
+    result = outcome.get("result")
+    assert result is not None and result.error is None, outcome
+    got = json.loads((tmp_path / "ray_run" / "report.json").read_text())
+    assert got["restored_tier"] == "memory"
+    assert got["restored_step"] >= emergency["step"] > persisted_before
+    assert got["weights_sha256"] == want["weights_sha256"]
+    _kill_run(directory)

@@ -156,6 +156,10 @@ class MemoryTierMixin:
         except Exception as exc:  # noqa: BLE001 - the first keep starts them instead
             log.warning("memory tier: could not start keepers ahead (%s)", exc)
 
+    def rank_nodes(self) -> dict[int, str]:
+        """The node each rank registered from (at its train begin)."""
+        return dict(self._rank_nodes)
+
     def _on_drain_notice(self, notice: DrainNotice) -> None:
         left = notice.seconds_left()
         log.warning("node %s is being drained (%s): taking an emergency snapshot%s",
