@@ -26,6 +26,7 @@ from typing import Optional
 
 import typer
 
+from ckptmgr.cli_coordinators import app as coordinators_app
 from ckptmgr.cli_common import (
     CLICK_ERRORS, STATE, STEP_HELP, StorageOpt, UrlArg, first_line, open_manager, out,
 )
@@ -271,6 +272,7 @@ def lease(
 
 app.command("run")(run_command)
 app.command("resume")(resume_command)
+app.add_typer(coordinators_app, name="coordinators")
 
 
 # -- entry point -------------------------------------------------------------------

@@ -333,3 +333,24 @@ def test_ray_train_preemption_info_snapshots_to_memory_and_the_restart_is_exact(
     assert got["restored_step"] >= emergency["step"] > persisted_before
     assert got["weights_sha256"] == want["weights_sha256"]
     _kill_run(directory)
+
+
+def test_cli_lists_and_stops_a_runs_coordinator_and_keepers(cluster, tmp_path, capsys):
+    from ckptmgr import cli
+
+    c, nodes = cluster
+    directory = str(tmp_path / "run")
+    coord = get_or_create(CoordinatorOptions(directory, world_size=1, memory_replicas=2))
+    _keep(coord, 5, _snapshot(1.0), node=_node_id(nodes["rank0"]))
+    capsys.readouterr()
+    assert cli.main(["coordinators", "list", "--json"]) == 0
+    runs = {r["directory"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert runs[directory]["keepers"] == 2
+    assert runs[directory]["coordinator"]["state"] == "alive"
+    assert runs[directory]["coordinator"]["world_size"] == 1
+    assert cli.main(["coordinators", "stop", directory]) == 0
+    assert "stopped the coordinator and 2 keeper(s)" in capsys.readouterr().out
+    assert find(directory) is None and MemoryTier(directory).keepers() == {}
+    assert cli.main(["coordinators", "stop", directory]) == 1  # nothing left: one line, exit 1
+    assert "No coordinator or keepers for" in capsys.readouterr().err
+    assert cli.main(["coordinators", "stop"]) == 2  # neither a URL nor --all
