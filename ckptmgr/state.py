@@ -318,19 +318,69 @@ def apply_weights(model, h5file) -> None:
         def close(self):
             pass
 
+    with assets_store(getattr(h5file, "archive", None)) as assets:
+        _load_state(model, _OpenStore(h5file), assets)
+
+
+def apply_snapshot_arrays(model, snapshot: ModelSnapshot) -> None:
+    """Load a snapshot's arrays (weights and optimizer state) into ``model``
+    straight from host memory, through the same Keras traversal as an archive
+    (the memory tier's restore: no archive is laid out). Assets need files:
+    a snapshot with assets goes through its archive instead."""
+    if snapshot.assets:
+        raise ValueError("a snapshot with assets is applied through its archive")
+    saving_lib = keras_compat.saving_lib()
+    groups = {group.path: dict(group.arrays) for group in snapshot.groups}
+
+    class _SnapshotStore(saving_lib.H5IOStore):
+        def __init__(self):  # no HDF5 file: the arrays are the snapshot's
+            self.h5_file, self.mode, self.archive, self.io_file = None, "r", None, None
+            self._h5_entry_path = None
+            self._h5_entry_group = {}
+            self._h5_entry_metadata = None
+            self._h5_entry_initialized = True
+
+        def __bool__(self) -> bool:  # Keras skips a falsy store; ours is never "empty"
+            return True
+
+        def get(self, path):
+            self._h5_entry_group = groups.get(f"{path}/vars" if path else "vars", {})
+            return self
+
+        def has_path(self, path):
+            return any(p == path or p.startswith(f"{path}/") for p in groups)
+
+        def __getitem__(self, key):
+            return self._h5_entry_group[key]
+
+        def __len__(self):
+            return len(self._h5_entry_group)
+
+        def keys(self):
+            return self._h5_entry_group.keys()
+
+        def close(self):
+            pass
+
+    _load_state(model, _SnapshotStore(), None)
+
+
+def _load_state(model, weights_store, assets) -> None:
+    """Keras's own traversal of ``model`` over ``weights_store``; a model that
+    does not fit is refused in one line."""
+    saving_lib = keras_compat.saving_lib()
     ensure_built_optimizer(model)
     failed: set[int] = set()
     errors: dict[int, Any] = {}
-    with assets_store(getattr(h5file, "archive", None)) as assets:
-        saving_lib._load_state(
-            model,
-            weights_store=_OpenStore(h5file),
-            assets_store=assets,
-            inner_path="",
-            visited_saveables=set(),
-            failed_saveables=failed,
-            error_msgs=errors,
-        )
+    saving_lib._load_state(
+        model,
+        weights_store=weights_store,
+        assets_store=assets,
+        inner_path="",
+        visited_saveables=set(),
+        failed_saveables=failed,
+        error_msgs=errors,
+    )
     if failed:
         obj, error = next(iter(errors.values()))
         name = getattr(obj, "name", type(obj).__name__)

@@ -60,6 +60,7 @@ class Keeper:
 
         started = time.perf_counter()
         snapshot = ray.get(refs[0])
+        pulled = time.perf_counter()
         digest = snapshot_digest(snapshot)
         if digest != meta["digest"]:
             raise ValueError(f"memory snapshot of step {step} arrived damaged "
@@ -70,7 +71,7 @@ class Keeper:
         for old in sorted(self._held)[:-self.retain]:
             del self._held[old]
         return {"step": step, "node": self._held[step][1]["node"],
-                "keep_s": time.perf_counter() - started}
+                "keep_s": time.perf_counter() - started, "pull_s": pulled - started}
 
     def held(self) -> list[dict]:
         """Metadata of every held step, oldest first."""
@@ -178,10 +179,12 @@ class MemoryTier:
         started = time.perf_counter()
         nodes = self.target_nodes(producer, set(draining))
         calls = {node: self.keeper_on(node).keep.remote(step, [ref], meta) for node in nodes}
-        held, problems = [], []
+        held, problems, each_s = [], [], []
         for node, call in calls.items():
             try:
-                held.append(ray.get(call, timeout=self.timeout_s)["node"])
+                kept = ray.get(call, timeout=self.timeout_s)
+                held.append(kept["node"])
+                each_s.append((round(kept["pull_s"], 3), round(kept["keep_s"], 3)))
             except Exception as exc:  # noqa: BLE001 - one keeper's failure; the others may hold it
                 problems.append(f"node {node[:12]}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         if not held:
@@ -189,7 +192,7 @@ class MemoryTier:
         if problems:
             log.warning("memory snapshot of step %d: %s", step, "; ".join(problems))
         return {"memory": True, "step": step, "nodes": held,
-                "keep_s": round(time.perf_counter() - started, 3)}
+                "keep_s": round(time.perf_counter() - started, 3), "keeper_s": each_s}
 
     # -- finding -------------------------------------------------------------------
     def keepers(self) -> dict[str, Any]:

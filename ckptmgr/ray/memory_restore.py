@@ -15,7 +15,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from ckptmgr.io.checksums import CHUNK_BYTES, crc32c
+from ckptmgr.io.checksums import CHUNK_BYTES
 from ckptmgr.io.layout import archive_name
 from ckptmgr.io.manifest import FileEntry, LoopState, Manifest
 
@@ -47,31 +47,42 @@ def fetch_and_check(plan: dict[str, Any], timeout_s: float) -> tuple[Any, str | 
 
 def apply_snapshot(model, snapshot, plan: dict[str, Any]) -> Manifest:
     """Load ``snapshot`` into ``model`` as a restore of its archive would, and
-    the manifest a stored checkpoint of it would carry (``extra.tier``)."""
-    from ckptmgr.io.archive import open_weights, read_json_member
-    from ckptmgr.io.archive_plan import write_keras_archive
-    from ckptmgr.state import apply_weights, build_if_needed
+    the manifest a stored checkpoint of it would carry (``extra.tier``).
 
+    The arrays go straight from host memory through Keras's own traversal
+    (:func:`ckptmgr.state.apply_snapshot_arrays`); only a model with assets
+    (vocabulary files) has its archive laid out in memory first, because
+    Keras reads assets from files."""
+    import json
+
+    from ckptmgr.io.archive import open_weights
+    from ckptmgr.io.archive_plan import write_keras_archive
+    from ckptmgr.state import apply_snapshot_arrays, apply_weights, build_if_needed
+
+    build_if_needed(model, json.loads(snapshot.config_json))
+    if not snapshot.assets:
+        apply_snapshot_arrays(model, snapshot)
+        return memory_manifest(plan, snapshot.nbytes)
     buffer = io.BytesIO()
     write_keras_archive(buffer, snapshot)
-    build_if_needed(model, read_json_member(buffer, "config.json"))
     with open_weights(buffer) as h5:
         apply_weights(model, h5)
-    return memory_manifest(plan, buffer)
+    return memory_manifest(plan, buffer.getbuffer().nbytes)
 
 
-def memory_manifest(plan: dict[str, Any], buffer: io.BytesIO) -> Manifest:
-    """The manifest of a memory copy: step, loop state, metrics, where it was."""
+def memory_manifest(plan: dict[str, Any], nbytes: int) -> Manifest:
+    """The manifest of a memory copy: step, loop state, metrics, where it was.
+    No archive of it is stored: ``files`` names an empty one, the copy's size
+    is ``extra.memory_bytes`` and its integrity the digest every rank checked
+    (``world.digest``)."""
     meta, step = plan["meta"], plan["step"]
     archive = archive_name(step, MEMORY_ATTEMPT)
-    data = buffer.getbuffer()
-    crcs = [f"{crc32c(data[i:i + CHUNK_BYTES]):08x}" for i in range(0, len(data), CHUNK_BYTES)]
-    entry = FileEntry(bytes=len(data), crc32c=crcs, chunk_bytes=CHUNK_BYTES)
+    entry = FileEntry(bytes=0, crc32c=[], chunk_bytes=CHUNK_BYTES)
     return Manifest(
         step=step, created=datetime.fromtimestamp(meta.get("time", 0.0), tz=timezone.utc),
         archive=archive, attempt=MEMORY_ATTEMPT, files={archive: entry},
         metrics=meta.get("metrics") or {},
-        extra=dict(meta.get("extra") or {}, tier="memory", node=plan.get("node", "")),
+        extra=dict(meta.get("extra") or {}, tier="memory", node=plan.get("node", ""), memory_bytes=nbytes),
         loop=LoopState(**meta["loop"]) if meta.get("loop") else None,
         world={"world_size": meta.get("world_size"), "digest": meta["digest"]},
     )
