@@ -106,6 +106,7 @@ def recovery_by_tier(ctx: Context) -> None:
             mem, "s", "restore from gs:// (uncapped emulator)", gs, "s", gs / mem, None, None, "information"))
     add(Row("S10", "restore from memory vs from local disk", mem, "s", "restore from local disk", disk, "s",
             disk / mem, None, None, "information"))
+    _lost_steps_on_paper(ctx, keep)
     ctx.log(f"S10: keep {keep:.2f}s, restore memory {mem:.2f}s, disk {disk:.2f}s, gs {gs:.2f}s, "
             f"gs capped {gs_capped:.2f}s")
 
@@ -119,3 +120,20 @@ def _restores(manager, model, reps: int) -> list[float]:
         manager.restore(model, 1)
         seconds.append(time.perf_counter() - started)
     return seconds
+
+
+def _lost_steps_on_paper(ctx: Context, keep_s: float) -> None:
+    """Expected steps lost per preemption (uniform in time): half the interval
+    of the newest tier that survives, or none when a notice comes early enough
+    for an emergency snapshot (``keep_s`` plus the ~1 s lead the ranks agree on)."""
+    memory_every, storage_every = 20, 200  # configs/gcs.yaml: memory_tier.every_steps, save_freq
+    step_s = ctx.step_s or 0.1
+    for name, lost in (
+        (f"persistent only, every {storage_every} steps", storage_every / 2),
+        (f"memory tier every {memory_every} steps (+ storage every {storage_every})", memory_every / 2),
+        ("with a drain notice >= the emergency snapshot time ahead", 0.0),
+    ):
+        ctx.report.add(Row("S10", f"lost steps per preemption, {name} (paper)", lost, "steps",
+                           "training time", lost * step_s, "s", None, None, None, "information",
+                           note=f"emergency snapshot {keep_s:.2f} s + ~1 s lead"
+                           if lost == 0.0 else ""))
