@@ -28,6 +28,10 @@ the installed Keras version in its message when a Keras release changes it:
   ``state`` is a variable.
 - ``backend.tensorflow.trainer`` and ``tree.map_structure``: the multi-worker
   ``fit()`` fix below.
+- ``fit()`` calls ``model.train_function`` as its backend's trainer made it
+  (:func:`batch_skipper`): TensorFlow ``f(iterator) -> logs``, JAX
+  ``f(state, iterator) -> (logs, state)``, each call drawing
+  ``steps_per_execution`` batches from the iterator.
 
 Two private *attributes* are used outside this module and tested the same way:
 ``Layer._flatten_layers`` and ``Layer._seed_generators`` (``ckptmgr/state.py``).
@@ -108,6 +112,7 @@ __all__ = [
     "H5IOSTORE_ATTRIBUTES",
     "apply_multiworker_fit_patch",
     "base_optimizer_class",
+    "batch_skipper",
     "global_seed_generator_function",
     "keras_version",
     "object_sharing_scope",
@@ -211,6 +216,46 @@ def global_seed_generator_function():
 def tree():
     """``keras.src.tree`` (``map_structure``)."""
     return _private("tree", "map_structure")
+
+
+# Backends whose fit() loop calls train_function with the iterator last, and
+# whether it passes the training state through (JAX's stateless step).
+_TRAIN_FUNCTION_STATEFUL = {"tensorflow": False, "jax": True}
+
+
+def batch_skipper(model, batches: int) -> Callable:
+    """A ``model.train_function`` for ``fit()`` that draws ``batches`` batches
+    without training on them, then puts ``model.train_function`` back.
+
+    ``fit()`` calls what its backend's trainer made (``steps_per_execution``
+    batches a call): on TensorFlow ``f(iterator) -> logs``, on JAX
+    ``f(state, iterator) -> (logs, state)``; the state goes back untouched.
+    """
+    import keras
+
+    from ckptmgr.errors import UnsupportedModelError
+
+    backend = keras.backend.backend()
+    if backend not in _TRAIN_FUNCTION_STATEFUL:
+        raise UnsupportedModelError(
+            f"Resuming inside an epoch needs the TensorFlow or JAX backend: Received: "
+            f"backend={backend!r}. Save at epoch ends (save_freq='epoch') on this backend."
+        )
+    stateful = _TRAIN_FUNCTION_STATEFUL[backend]
+    real = model.train_function
+    per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+    remaining = [batches]
+
+    def skip_trained_batches(*args):
+        iterator = args[-1]
+        for _ in range(min(per_call, remaining[0])):
+            next(iterator)
+        remaining[0] -= per_call
+        if remaining[0] <= 0:
+            model.train_function = real
+        return ({}, args[0]) if stateful else {}
+
+    return skip_trained_batches
 
 
 # --------------------------------------------------------------------------

@@ -263,7 +263,8 @@ def _host(value) -> np.ndarray:
     """A host view of a variable's current value, zero-copy where possible.
 
     TensorFlow's ``.numpy()`` copies; ``read_value()._numpy()`` is a view of
-    the tensor's host buffer (on a GPU it is the one device-to-host copy). The
+    the tensor's host buffer (on a GPU it is the one device-to-host copy). A
+    JAX array has neither: ``np.asarray`` gives the same view or copy. The
     caller copies the view into its own buffer at once, while training waits,
     so later steps cannot change what is written.
     """

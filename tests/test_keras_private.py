@@ -267,6 +267,28 @@ def test_flatten_layers_and_seed_generators():
     )
 
 
+# -- fit() and model.train_function ----------------------------------------------------
+
+
+def test_fit_calls_train_function_as_the_batch_skipper_expects():
+    """``fit()`` calls ``model.train_function`` with the iterator last (on JAX
+    the state first, expecting it back), after ``on_train_begin``: a skipper
+    installed there consumes 2 of 6 batches without training on them, then
+    puts the real function back. (On JAX: ``tests/test_jax_backend.py``.)"""
+    model = model_with_state()
+    x, y = np.zeros((12, 4), "float32"), np.zeros((12, 1), "float32")
+
+    class Skip(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.model.train_function = keras_compat.batch_skipper(self.model, 2)
+
+    try:
+        model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[Skip()])
+    except Exception as exc:  # noqa: BLE001 - the assumption broke: say on which Keras
+        pytest.fail(f"{KERAS}: fit() calls model.train_function otherwise: {type(exc).__name__}: {exc}")
+    assert int(model.optimizer.iterations) == 4, f"{KERAS}: the skipper did not replace 2 training steps"
+
+
 # -- the multi-worker fit() fix ---------------------------------------------------------
 
 
