@@ -33,10 +33,34 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batches between checkpoints (default: derived from the measured save time)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any section failed")
     p.add_argument("--tmp", default="/tmp", help="parent of the temporary working directory")
-    return p.parse_args(argv)
+    p.add_argument("--only", default=None,
+                   help="run only these sections, comma-separated (e.g. S3); the model setup runs "
+                        "when one needs it. The partial report goes to --out (default: "
+                        "<tmp>/ckptmgr-bench-only, not bench/results)")
+    args = p.parse_args(argv)
+    args.only = _sections_wanted(p, args.only)
+    if args.only is not None and args.out == DEFAULT_OUT:
+        args.out = str(Path(args.tmp) / "ckptmgr-bench-only")
+    return args
+
+
+def _sections_wanted(parser: argparse.ArgumentParser, only: str | None) -> frozenset[str] | None:
+    if only is None:
+        return None
+    wanted = frozenset(s.strip().upper() for s in only.split(",") if s.strip())
+    unknown = sorted(wanted - set(SECTIONS))
+    if not wanted or unknown:
+        parser.error(f"--only: unknown section(s) {unknown or only!r}; known: {', '.join(SECTIONS)}")
+    return wanted
+
+
+_ONLY: frozenset[str] | None = None  # --only, for _run
 
 
 def _run(ctx: Context, section: str, name: str, fn, *args) -> bool:
+    if _ONLY is not None and section not in _ONLY and section != "S0":
+        ctx.report.skipped(section, name, "not in --only")
+        return False
     ctx.log(f"{section} {name} ...")
     try:
         fn(ctx, *args)
@@ -48,7 +72,9 @@ def _run(ctx: Context, section: str, name: str, fn, *args) -> bool:
 
 
 def main(argv=None) -> int:
+    global _ONLY
     args = parse_args(argv)
+    _ONLY = args.only
     settings = Settings.make(quick=args.quick, params=args.params, out=args.out,
                              skip_ray=args.skip_ray, skip_gcs=args.skip_gcs, every=args.every)
     spec = settings.spec
@@ -56,6 +82,8 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "full"
     if args.params:
         mode += f" settings, --params {args.params:,}"
+    if args.only is not None:
+        mode += f", only {', '.join(sorted(args.only))}"
     report = Report(header={"mode": mode, **machine_info(), "code": code})
     tmp = tempfile.mkdtemp(prefix="ckptmgr-bench-", dir=args.tmp)
     ctx = Context(settings, report, tmp)
@@ -118,6 +146,8 @@ def _sections(ctx: Context) -> None:
     from bench import parallel_write
 
     _run(ctx, "S9", "replica-parallel writes", parallel_write.ranged_writes)
+    if _ONLY is not None and not _ONLY & {"S1", "S6"}:
+        return  # no Ray section wanted: no Ray session
     if s.skip_ray:
         for section in ("S1", "S5", "S6"):
             ctx.report.skipped(section, "Ray coordinator", "--skip-ray")

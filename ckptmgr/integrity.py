@@ -189,7 +189,8 @@ class Verifier:
                 f"step {step}: {name} is truncated or altered ({size} bytes, manifest says {entry.bytes})")
 
     def first_good(self, candidates: list[int], use: Callable[[Manifest, str], Any], *,
-                   explicit: bool, overlap: bool = False, verify: bool = True) -> tuple[Manifest, Any]:
+                   explicit: bool, overlap: bool = False, verify: bool = True,
+                   inline: Callable[[Manifest, str], Any] | None = None) -> tuple[Manifest, Any]:
         """``use(manifest, local_path)`` on the first of ``candidates`` that verifies.
 
         Explicit step (one candidate): that one or an error. Otherwise the newest that verifies;
@@ -205,12 +206,16 @@ class Verifier:
         verified the (single, explicit) candidate, e.g. the ranks of a
         distributed restore, a share each: local archives are used as they
         are (their members still checked); remote ones are downloaded, which
-        checks every chunk anyway.
+        checks every chunk anyway. ``inline``: used instead of ``use`` on a
+        local archive with chunk CRC32Cs (and no sha256) that is to be
+        verified; it must check the chunks itself as it reads, before
+        anything is applied, and raise ``CorruptCheckpointError`` otherwise
+        (one read instead of two).
         """
         problems: list[tuple[int, str]] = []
         for candidate in candidates:
             try:
-                result = self._use_verified(candidate, use, overlap, verify)
+                result = self._use_verified(candidate, use, overlap, verify, inline)
             except CorruptCheckpointError as exc:
                 if explicit:
                     raise
@@ -231,9 +236,15 @@ class Verifier:
             f"No checkpoint under {self.storage.url} verifies: " + "; ".join(p for _, p in problems)
         )
 
-    def _use_verified(self, step: int, use, overlap: bool, verify: bool = True) -> tuple[Manifest, Any]:
+    def _use_verified(self, step: int, use, overlap: bool, verify: bool = True,
+                      inline=None) -> tuple[Manifest, Any]:
         manifest = self._manifest(step)
         local = self.storage.local_path_of(manifest.archive)
+        entry = manifest.archive_entry
+        if local is not None and verify and inline is not None and entry.crc32c is not None \
+                and entry.sha256 is None:
+            self.check_size(manifest)
+            return manifest, _incompatible_if_raises(inline, manifest, local)
         if local is not None and not verify:
             self.check_size(manifest)
             self._check_members(manifest)

@@ -29,7 +29,7 @@ from ckptmgr.exporting import Exporting
 from ckptmgr.history import History
 from ckptmgr.integrity import Progress, Verifier, VerifyResult, one_line
 from ckptmgr.io.checksums import Algorithm
-from ckptmgr.io.archive import ModelSnapshot, open_weights, read_json_member
+from ckptmgr.io.archive import ModelSnapshot
 from ckptmgr.io.layout import manifest_name
 from ckptmgr.io.lease import WriterLease
 from ckptmgr.io.manifest import LoopState, Manifest
@@ -108,6 +108,7 @@ class CheckpointManager(Pruning, Exporting):
         self._history = History(self.storage, self.lease)
         self._plan = None
         self._pipeline = SavePipeline(on_busy, buffer_sets=2 if on_busy == "newest" else 1)
+        self._restore_buffers = None  # a BufferPool while restores repeat (see restore())
 
     @property
     def directory(self) -> str:
@@ -256,7 +257,9 @@ class CheckpointManager(Pruning, Exporting):
         return self._pipeline.wait_until_finished()
 
     def close(self) -> None:
-        """Finish every queued save (the writer thread then ends by itself)."""
+        """Finish every queued save (the writer thread then ends by itself)
+        and let go of the buffers kept from restores."""
+        self._drop_restore_buffers()
         self.wait_until_finished()
 
     def write_snapshot(
@@ -353,14 +356,15 @@ class CheckpointManager(Pruning, Exporting):
         return self._verifier.verified_archive(self.manifest(step), progress=progress)
 
     def _first_good(self, step: int | None, use: Callable[[Manifest, str], Any], *,
-                    overlap: bool = False, verify: bool = True) -> tuple[Manifest, Any]:
+                    overlap: bool = False, verify: bool = True,
+                    inline: Callable[[Manifest, str], Any] | None = None) -> tuple[Manifest, Any]:
         """``use(manifest, local_path)`` on a checkpoint that verifies (see
         :meth:`ckptmgr.integrity.Verifier.first_good`)."""
         candidates = [self._resolve_step(step)] if step is not None else list(reversed(self.steps()))
         if not candidates:
             self._resolve_step(None)  # raises a clear not-found error
         return self._verifier.first_good(candidates, use, explicit=step is not None, overlap=overlap,
-                                         verify=verify or step is None)
+                                         verify=verify or step is None, inline=inline)
 
     def quick_check(self, step: int, manifest: Manifest | None = None) -> str | None:
         """The manifest reads (pass it if already read) and the archive has
@@ -385,7 +389,9 @@ class CheckpointManager(Pruning, Exporting):
     # -- restoring ----------------------------------------------------------------
     def prepare(self, model) -> None:
         """Plan the capture and allocate host buffers now (e.g. at train begin),
-        so the first save blocks no longer than the later ones."""
+        so the first save blocks no longer than the later ones. Training
+        starts: the buffers kept from restores are let go."""
+        self._drop_restore_buffers()
         self.wait_until_finished()
         self._capture(model)
 
@@ -399,17 +405,35 @@ class CheckpointManager(Pruning, Exporting):
         ``IncompatibleCheckpointError`` (no fallback). ``verified``: the caller
         already verified ``step`` (see :meth:`verify_share`). Returns the
         restored manifest (its ``loop`` says where training continues).
+
+        Local archives written by ckptmgr are read once, straight into host
+        buffers the variables take over, checking chunk CRC32Cs on the way
+        (:mod:`ckptmgr.restore_direct`); the manager keeps those buffers for
+        a next restore (at most the last two restores' worth, for 60 s, or
+        until :meth:`prepare` or :meth:`close`).
         """
-        from ckptmgr.state import apply_weights, build_if_needed
+        from ckptmgr.restore_direct import BufferPool, restore_archive
 
-        def apply(manifest: Manifest, path: str) -> None:
-            with open(path, "rb") as f:
-                build_if_needed(model, read_json_member(f, "config.json"))
-                with open_weights(f) as h5:
-                    apply_weights(model, h5)
+        if self._restore_buffers is None:
+            self._restore_buffers = BufferPool()
+        pool = self._restore_buffers
 
-        manifest, _ = self._first_good(step, apply, verify=not verified)
+        def apply(manifest: Manifest, path: str) -> None:  # the archive is verified
+            restore_archive(model, path, where=_where(manifest), pool=pool)
+
+        def apply_checking(manifest: Manifest, path: str) -> None:  # chunks checked as read
+            restore_archive(model, path, where=_where(manifest), entry=manifest.archive_entry, pool=pool)
+
+        try:
+            manifest, _ = self._first_good(step, apply, verify=not verified, inline=apply_checking)
+        finally:
+            pool.release_later()
         return manifest
+
+    def _drop_restore_buffers(self) -> None:
+        if self._restore_buffers is not None:
+            self._restore_buffers.clear()
+            self._restore_buffers = None
 
     def load(
         self,
@@ -429,6 +453,11 @@ class CheckpointManager(Pruning, Exporting):
 
         _, model = self._first_good(step, build, overlap=True)
         return model
+
+
+def _where(manifest: Manifest) -> str:
+    return f"step {manifest.step}: {manifest.archive}"
+
 
 def _check_step(step: Any) -> int:
     """An int >= 0 (numpy integers too); bools and floats are refused."""

@@ -34,3 +34,15 @@ def test_quick_bench_writes_a_row_per_section_and_a_plot(tmp_path):
     png = out / "latest.png"
     assert png.exists() and png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_runs_named_sections_and_keeps_bench_results():
+    from bench.cli import DEFAULT_OUT, parse_args
+
+    args = parse_args(["--only", "s3, S7", "--tmp", "/somewhere"])
+    assert args.only == {"S3", "S7"}
+    assert args.out == os.path.join("/somewhere", "ckptmgr-bench-only") != DEFAULT_OUT
+    assert parse_args(["--only", "S3", "--out", "/x"]).out == "/x"
+    assert parse_args([]).only is None and parse_args([]).out == DEFAULT_OUT
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "S3,S42"])

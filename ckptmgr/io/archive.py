@@ -181,9 +181,9 @@ class WeightsFile(h5py.File):
     archive: BinaryIO
 
 
-@contextmanager
-def open_weights(archive: BinaryIO) -> Iterator[WeightsFile]:
-    """Open ``model.weights.h5`` inside an archive without extracting it."""
+def weights_member(archive: BinaryIO) -> tuple[zipfile.ZipInfo, int]:
+    """The weights member's zip entry and the archive offset of its first
+    data byte (after the local header); it must be stored, not compressed."""
     try:
         with zipfile.ZipFile(archive) as zf:
             info = zf.getinfo(WEIGHTS_FILENAME)
@@ -193,13 +193,26 @@ def open_weights(archive: BinaryIO) -> Iterator[WeightsFile]:
             )
         archive.seek(info.header_offset)
         header = _LOCAL_HEADER.unpack(archive.read(_LOCAL_HEADER.size))
-        start = info.header_offset + _LOCAL_HEADER.size + header[9] + header[10]
+    except CorruptCheckpointError:
+        raise
+    except (zipfile.BadZipFile, KeyError, OSError, struct.error) as exc:
+        raise CorruptCheckpointError(
+            f"Cannot open {WEIGHTS_FILENAME} in the archive: {type(exc).__name__}: {exc}"
+        ) from None
+    return info, info.header_offset + _LOCAL_HEADER.size + header[9] + header[10]
+
+
+@contextmanager
+def open_weights(archive: BinaryIO) -> Iterator[WeightsFile]:
+    """Open ``model.weights.h5`` inside an archive without extracting it."""
+    try:
+        info, start = weights_member(archive)
         window = _Window(archive, start, info.file_size)
         h5 = WeightsFile(window, "r")
         h5.archive = archive
     except CorruptCheckpointError:
         raise
-    except (zipfile.BadZipFile, KeyError, OSError, struct.error) as exc:
+    except OSError as exc:
         raise CorruptCheckpointError(
             f"Cannot open {WEIGHTS_FILENAME} in the archive: {type(exc).__name__}: {exc}"
         ) from None
