@@ -148,7 +148,9 @@ def test_sigterm_on_a_worker_commits_an_emergency_checkpoint(cluster, tmp_path, 
     deadline = time.monotonic() + 120
     while (manager.latest_step() or 0) < 40 and time.monotonic() < deadline:
         time.sleep(0.05)  # training is under way once a checkpoint exists
-    actors = list_actors(filters=[("class_name", "=", "TrainWorker"), ("state", "=", "ALIVE")])
+    # This cluster's address: "auto" is ambiguous when other Ray clusters run on the machine.
+    actors = list_actors(address=cluster[0].address,
+                         filters=[("class_name", "=", "TrainWorker"), ("state", "=", "ALIVE")])
     pid = sorted(actors, key=lambda a: a.pid)[-1].pid
     os.kill(pid, signal.SIGTERM)
     thread.join(120)
