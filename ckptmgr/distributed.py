@@ -490,6 +490,23 @@ def _given(retention: dict[str, Any]) -> dict[str, Any]:
 def _create_coordinator(directory: str, world_size: int, storage_options: dict | None,
                         retention: dict[str, Any], on_busy: str, save_timeout_s: float,
                         prune_interval_s: float, checksum: str = "crc32c", memory_replicas: int = 0):
+    options = callback_coordinator_options(
+        directory, world_size, storage_options, retention, on_busy=on_busy,
+        save_timeout_s=save_timeout_s, prune_interval_s=prune_interval_s, checksum=checksum,
+        memory_replicas=memory_replicas,
+    )
+    log.info("no coordinator for %s: creating it (world size %d)", directory, world_size)
+    return get_or_create(options)
+
+
+def callback_coordinator_options(directory: str, world_size: int, storage_options: dict | None,
+                                 retention: dict[str, Any], *, on_busy: str = "newest",
+                                 save_timeout_s: float = 120.0, prune_interval_s: float = 60.0,
+                                 checksum: str = "crc32c", memory_replicas: int = 0,
+                                 parallel_write: bool | str = "auto") -> CoordinatorOptions:
+    """The coordinator options a rank's callback creates its run's coordinator
+    with (also what a driver helper uses, so both agree); a relative local
+    directory is refused."""
     from ckptmgr.io.storage import Storage
 
     if Storage(directory, storage_options).is_local and not os.path.isabs(directory):
@@ -498,10 +515,9 @@ def _create_coordinator(directory: str, world_size: int, storage_options: dict |
             "a relative path, which means another place on every node. Pass an absolute "
             "path or a URL."
         )
-    options = CoordinatorOptions(
+    return CoordinatorOptions(
         directory, world_size=world_size, storage_options=dict(storage_options or {}),
         retention=_given(retention), on_busy=on_busy, save_timeout_s=save_timeout_s,
         prune_interval_s=prune_interval_s, checksum=checksum, memory_replicas=memory_replicas,
+        parallel_write=parallel_write,
     )
-    log.info("no coordinator for %s: creating it (world size %d)", directory, world_size)
-    return get_or_create(options)

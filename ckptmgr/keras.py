@@ -34,9 +34,10 @@ from ckptmgr.distributed import client_for
 from ckptmgr.ray.train_notices import RayTrainNotices
 from ckptmgr.preemption import SigtermGuard, clear_preemption, preemption_requested
 from ckptmgr.errors import ConfigError
-from ckptmgr.keras_compat import batch_skipper
+from ckptmgr.keras_compat import apply_multiworker_fit_patch, batch_skipper
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState, Manifest
+from ckptmgr.ray.ray_train import ray_train_reporter
 from ckptmgr.retention import RetentionPolicy, callback_best_options, received_options
 from ckptmgr.state import TrainingState, apply_training_state, capture_training_state, ensure_built_optimizer
 
@@ -166,6 +167,9 @@ class CheckpointCallback(keras.callbacks.Callback):
                 "them to CheckpointManager(...), or pass a directory."
             )
         self.manager = directory_or_manager
+        if _world_size(self.manager) > 1:
+            apply_multiworker_fit_patch()  # before fit() builds anything (Keras 3 under multi-worker MWMS)
+        self._ray_train = ray_train_reporter(self.manager)  # inside Ray Train: report each commit
         self.save_freq = save_freq
         self.memory_every = memory_tier_interval(memory_every, self.manager)
         self.auto: AutoSaveFreq | None = None  # the save_freq="auto" schedule
@@ -406,6 +410,8 @@ class CheckpointCallback(keras.callbacks.Callback):
                 else:
                     self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
             self.manager.wait_until_finished()
+            if self._ray_train is not None:
+                self._ray_train.finish()
         finally:
             self.model._initial_epoch = None
             self._sigterm.release()  # after the emergency checkpoint: pass SIGTERM on
@@ -428,6 +434,8 @@ class CheckpointCallback(keras.callbacks.Callback):
             loop=loop,
             blocking=not self.async_save,
         )
+        if self._ray_train is not None:  # every rank, every save: Ray Train's report is a barrier
+            self._ray_train.saved(step, result)
         if result is not None:  # None: skipped, the previous save still writing
             self._last_saved_step = step
         if self.auto is not None:
