@@ -206,7 +206,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, **init_kwargs)
 
 
-def coordinator_for(options: CoordinatorOptions):
+def coordinator_for(options: CoordinatorOptions) -> Any:
     """The run's coordinator, replaced if it was started with other options
     (another world size or retention): it is detached and outlives a job."""
     import ray
@@ -222,7 +222,7 @@ def coordinator_for(options: CoordinatorOptions):
 
 
 def start_coordinator(directory: str | os.PathLike, *, num_workers: int, save_timeout_s: float = 120.0,
-                      **callback_options: Any):
+                      **callback_options: Any) -> Any:
     """Create the run's coordinator on this (the driver's) node, for the ranks'
     ``CheckpointCallback(directory, **callback_options)``; returns the actor.
 
