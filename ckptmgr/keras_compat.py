@@ -145,7 +145,7 @@ _SCALAR_REDUCE_BUG = re.compile(r"strategy\.reduce\(\s*\"MEAN\"\s*,\s*v\s*,\s*ax
 # --------------------------------------------------------------------------
 
 # The Keras releases these assumptions were tested with (see README, "Installing").
-TESTED_KERAS = "3.8 to 3.15"
+TESTED_KERAS = "3.11 to 3.15"
 
 # Every attribute ``saving_lib.H5IOStore.__init__`` may set, across the tested
 # releases. The store ckptmgr/state.py makes over an already open h5py.File

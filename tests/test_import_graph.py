@@ -66,15 +66,16 @@ def explain(imported: dict) -> str:
 
 
 COORDINATOR_SIDE = """
-    import importlib, json, pkgutil, sys
+    import importlib, importlib.util, json, pkgutil, sys
     import numpy as np
 
     # What a coordinator process loads: the actor's module, the Ray-side
     # package, and the modules its writes, restores and retention call.
     import ckptmgr.coordinator
-    import ckptmgr.ray
-    for info in pkgutil.iter_modules(ckptmgr.ray.__path__):
-        importlib.import_module(f"ckptmgr.ray.{info.name}")
+    if importlib.util.find_spec("ckptmgr.ray") is not None:
+        import ckptmgr.ray
+        for info in pkgutil.iter_modules(ckptmgr.ray.__path__):
+            importlib.import_module(f"ckptmgr.ray.{info.name}")
     import ckptmgr.io
     for info in pkgutil.iter_modules(ckptmgr.io.__path__):
         importlib.import_module(f"ckptmgr.io.{info.name}")
