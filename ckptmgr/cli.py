@@ -316,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("error: interrupted", err=True)
         return 130
+    except ModuleNotFoundError as exc:  # an extra that is not installed (TensorFlow, Ray...)
+        from ckptmgr.extras import missing_extra
+
+        if STATE["debug"] or missing_extra(exc) is None:
+            raise
+        typer.echo(f"error: {missing_extra(exc)}", err=True)
+        return 1
     except JobStoppedError as exc:  # a node was lost: not a finished run, not a bad config
         if STATE["debug"]:
             raise

@@ -142,6 +142,15 @@ def test_core_install_runs_list_verify_prune_without_tensorflow(tmp_path, checkp
     gcs = run(bin_dir, "ckptmgr", "list", "gs://bucket/run", cwd=tmp_path)
     assert gcs.returncode != 0 and "gcsfs" in gcs.stderr and "Traceback" not in gcs.stderr, gcs.stderr
 
+    # Commands that need an extra say which, in one line.
+    shutil.copy2(REPO / "configs" / "local.yaml", tmp_path / "local.yaml")
+    for command, extra in ((["run", "local.yaml"], "ckptmgr[ray]"),
+                           (["export", str(directory), "--format", "savedmodel", "-o", "sm"], "ckptmgr[tensorflow")):
+        needs = run(bin_dir, "ckptmgr", *command, cwd=tmp_path)
+        errors = [line for line in needs.stderr.splitlines() if line.startswith("error:")]
+        assert needs.returncode == 1 and "Traceback" not in needs.stderr, needs.stderr[-2000:]
+        assert len(errors) == 1 and extra in errors[0], needs.stderr[-2000:]
+
     # None of those commands imported an ML framework (none is installed to import).
     probe = subprocess.run(
         [str(bin_dir / "python"), "-c",
