@@ -97,7 +97,7 @@ class BenchWorker:
 
     def save(self, directory: str, step: int) -> dict[str, float]:
         """One save through the coordinator protocol; waits for the commit."""
-        from ckptmgr.distributed import client_for
+        from ckptmgr.ray.joining import client_for
 
         if self.client is None:
             self.client = client_for(directory, rank=self.rank, world_size=self.world_size,

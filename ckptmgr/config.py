@@ -179,6 +179,9 @@ class RayConfig(_Section):
     # After a preemption or a lost node, start the workers again (on the nodes
     # left or new ones) from the newest tier, up to this many times.
     max_restarts: int = Field(0, ge=0)
+    # Keep the run's coordinator actor after the job finished (it is detached);
+    # by default a finished run stops it and its keepers (`ckptmgr coordinators`).
+    keep_coordinator: bool = False
 
 
 class UserCodeConfig(_Section):

@@ -30,9 +30,10 @@ import keras
 import numpy as np
 
 from ckptmgr.cadence import AutoSaveFreq, committed_manifest, job_mtbf_s, parse_mtbf
-from ckptmgr.distributed import client_for
+from ckptmgr.ray.joining import client_for
 from ckptmgr.ray.train_notices import RayTrainNotices
-from ckptmgr.preemption import SigtermGuard, clear_preemption, preemption_requested
+from ckptmgr.keras_preemption import PreemptionMixin, memory_tier_interval, scalar_logs
+from ckptmgr.preemption import SigtermGuard
 from ckptmgr.errors import ConfigError
 from ckptmgr.keras_compat import apply_multiworker_fit_patch, batch_skipper
 from ckptmgr.manager import CheckpointManager
@@ -44,7 +45,7 @@ from ckptmgr.state import TrainingState, apply_training_state, capture_training_
 log = logging.getLogger("ckptmgr")
 
 
-class CheckpointCallback(keras.callbacks.Callback):
+class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
     """Save rolling ``.keras`` checkpoints during ``fit()`` and resume exactly.
 
     Args:
@@ -316,7 +317,7 @@ class CheckpointCallback(keras.callbacks.Callback):
                 self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
         elif self.memory_every and before // self.memory_every != self._global_step // self.memory_every:
             loop = self._loop_state(next_epoch=self._epoch, next_batch=self._batch)
-            self.manager.save(self._global_step, self.model, metrics=_scalar_logs(logs), loop=loop,
+            self.manager.save(self._global_step, self.model, metrics=scalar_logs(logs), loop=loop,
                               tier="memory")
 
     def _batch_save_due(self, before: int, steps: int) -> bool:
@@ -330,53 +331,6 @@ class CheckpointCallback(keras.callbacks.Callback):
         """True after the epoch's last batch (unknown when fit() has no steps count)."""
         steps = (self.params or {}).get("steps")
         return bool(steps) and self._batch >= steps
-
-    # -- preemption ---------------------------------------------------------------
-    def _emergency_due(self, before: int) -> bool:
-        """A preemption notice: SIGTERM here or on any rank, or Ray draining a
-        node of the run (both through the coordinator), or, inside Ray Train,
-        ``get_preemption_info()``: save at a step every rank agrees on."""
-        poll = getattr(self.manager, "emergency_step", None)
-        if self._train_notices.available:
-            info = self._train_notices.poll(before, self._global_step)
-            if info is not None:  # every rank sees it at the same call: this step
-                self._emergency_target = self._global_step
-                if hasattr(self.manager, "note_deadline"):
-                    self.manager.note_deadline(info.deadline_ms)
-        elif poll is None:
-            if preemption_requested():
-                clear_preemption()
-                self._emergency_target = self._global_step
-        else:
-            target = poll(self._global_step)
-            if target is not None:
-                self._emergency_target = target
-        return self._emergency_target is not None and self._global_step >= self._emergency_target
-
-    def _emergency_save(self, logs) -> None:
-        loop = self._loop_state(next_epoch=self._epoch, next_batch=self._batch)
-        if hasattr(self.manager, "emergency_save"):
-            ok = self.manager.emergency_save(
-                self._global_step, self.model, loop=loop, metrics=_scalar_logs(logs)
-            )
-        else:
-            self.manager.save(self._global_step, self.model, metrics=_scalar_logs(logs),
-                              loop=loop, extra={"emergency": True}, blocking=True)
-            ok = True
-        if ok:
-            self._last_saved_step = self._global_step
-        if self._train_notices.available:
-            # Ray Train's advice: keep training; when the node goes it restarts the
-            # workers and this callback restores the newest tier. Returning would finish the run.
-            log.warning("emergency checkpoint at step %d %s; training continues until the node goes",
-                        self._global_step, "committed" if ok else "abandoned")
-            self._emergency_target = None
-            return
-        log.warning("emergency checkpoint at step %d %s; stopping training",
-                    self._global_step, "committed" if ok else "abandoned")
-        self.preempted = True
-        self._emergency_target = None
-        self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch_done = True
@@ -430,7 +384,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         result = self.manager.save(
             step,
             self.model,
-            metrics=_scalar_logs(logs),
+            metrics=scalar_logs(logs),
             loop=loop,
             blocking=not self.async_save,
         )
@@ -491,21 +445,6 @@ def _check_save_freq(save_freq: Any, mtbf: Any) -> None:
         parse_mtbf(mtbf)
 
 
-def memory_tier_interval(memory_every: Any, manager: Any) -> int | None:
-    """``memory_every`` checked; None where no memory tier can be (one process
-    without a coordinator, or a coordinator started without it), said once."""
-    if memory_every is None:
-        return None
-    if isinstance(memory_every, bool) or not isinstance(memory_every, int) or memory_every < 1:
-        raise ConfigError(f"Invalid memory_every: Received: {memory_every!r}. Pass a number of "
-                          "steps >= 1, or None for no memory tier.")
-    if not getattr(getattr(manager, "options", None), "memory_replicas", 0):
-        log.warning("memory_every=%d ignored: the memory tier needs a Ray run whose coordinator "
-                    "keeps it (memory_replicas > 0); only storage checkpoints are taken", memory_every)
-        return None
-    return memory_every
-
-
 def _world_size(manager: Any) -> int:
     """Nodes whose failures stop the job: the distributed client's world size, else 1."""
     return int(getattr(getattr(manager, "options", None), "world_size", 1) or 1)
@@ -521,16 +460,3 @@ def _optimizer_iterations(model) -> int:
     if optimizer is None or not optimizer.built:
         return 0
     return int(np.asarray(optimizer.iterations.numpy()))
-
-
-def _scalar_logs(logs) -> dict[str, float]:
-    """Keep the scalar metrics of Keras logs, as Python floats."""
-    metrics = {}
-    for key, value in (logs or {}).items():
-        try:
-            array = np.asarray(value)
-        except Exception:  # noqa: BLE001 - skip anything that is not numeric
-            continue
-        if array.size == 1 and np.issubdtype(array.dtype, np.number):
-            metrics[key] = float(array.reshape(()))
-    return metrics

@@ -33,6 +33,7 @@ from ckptmgr.ray.runners import (
     release_memory_tier,
     run_attempt,
     run_with_restarts,
+    stop_coordinator,
     weights_digest,
 )
 
@@ -152,11 +153,15 @@ def run_on_ray(
     (``JobStoppedError``, or a result with ``preempted``).
     """
     result = run_with_restarts(
-        lambda restarted: _run_once(cfg, resume=resume or restarted, worker_resources=worker_resources,
+        # A restart continues from whatever the failed attempt saved, if anything
+        # (a run that failed before its first checkpoint starts again fresh).
+        lambda restarted: _run_once(cfg, resume=resume and not restarted, worker_resources=worker_resources,
                                     return_weights=return_weights),
         cfg.ray.max_restarts,
     )
-    if not result.preempted and cfg.checkpoint.memory_tier.every_steps:
+    if not result.preempted and not cfg.ray.keep_coordinator:
+        stop_coordinator(cfg.checkpoint.directory)  # and its keepers: a finished run needs neither
+    elif not result.preempted and cfg.checkpoint.memory_tier.every_steps:
         release_memory_tier(cfg.checkpoint.directory)
     return result, result.weights
 

@@ -87,7 +87,7 @@ def test_two_workers_commit_through_the_coordinator(cluster, tmp_path, where, re
         directory, options = gcs.new_url(), gcs.storage_options
     else:
         directory, options = str(tmp_path / "run"), {}
-    cfg = _cfg(directory, storage_options=options)
+    cfg = _cfg(directory, "ray.keep_coordinator=true", storage_options=options)
     result, weights = run_on_ray(cfg, resume=False, worker_resources=PLACEMENT, return_weights=True)
     manager = CheckpointManager(directory, storage_options=options)
     assert manager.steps() == [16, 24, 32]  # 16 batches/epoch, every 8, keep_last=3
@@ -129,6 +129,9 @@ def test_node_removed_then_resume_matches_uninterrupted(cluster, tmp_path):
     nodes["rank1"] = c.add_node(num_cpus=1, resources={"rank1": 1})
     c.wait_for_nodes()
     result, weights = run_on_ray(cfg, resume=True, worker_resources=PLACEMENT, return_weights=True)
+    from ckptmgr.coordinator import find
+
+    assert find(directory) is None  # a finished run stops its coordinator (ray.keep_coordinator: false)
     assert result.restored_step == stopped_at or result.restored_step >= 24
     assert result.final_step == reference.final_step == 96
     assert result.weights_sha256 == reference.weights_sha256

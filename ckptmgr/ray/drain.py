@@ -80,3 +80,25 @@ class DrainWatch:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def wait_until_drained(no_deadline_s: float = 60.0, most_s: float = 300.0, poll_s: float = 0.5) -> list[str]:
+    """Wait until no node is being drained: each goes at its deadline (plus a
+    few seconds), one without a deadline is waited for ``no_deadline_s``, and
+    never longer than ``most_s``. A run restarting after a preemption then
+    cannot place a rank on a node about to die. The nodes still draining
+    when it gives up (none when Ray's table cannot be read)."""
+    started = time.monotonic()
+    while True:
+        try:
+            draining = draining_nodes()
+        except Exception:  # noqa: BLE001 - no table, nothing to wait for
+            return []
+        if not draining:
+            return []
+        now_ms = time.time() * 1000
+        waits = [(deadline - now_ms) / 1000.0 + 5.0 if deadline else no_deadline_s - (time.monotonic() - started)
+                 for deadline in draining.values()]
+        if max(waits) <= 0 or time.monotonic() - started >= most_s:
+            return sorted(draining)
+        time.sleep(poll_s)

@@ -241,7 +241,7 @@ def callback_coordinator_options(directory: str | os.PathLike, num_workers: int,
                                  callback_options: Mapping[str, Any]) -> CoordinatorOptions:
     """The coordinator options that ``CheckpointCallback(directory,
     **callback_options)`` on ``num_workers`` ranks agrees with."""
-    from ckptmgr import distributed
+    from ckptmgr.ray import joining
     from ckptmgr.retention import RetentionPolicy, callback_best_options
 
     opts = dict(callback_options)
@@ -253,7 +253,7 @@ def callback_coordinator_options(directory: str | os.PathLike, num_workers: int,
     )
     retention = {**rules, **best}
     RetentionPolicy.from_options(**retention)  # refused here in one line, not in the actor
-    return distributed.callback_coordinator_options(
+    return joining.callback_coordinator_options(
         os.fspath(directory), _positive_int("num_workers", num_workers), opts.get("storage_options"),
         retention, on_busy=opts.get("on_busy", "newest"), checksum=opts.get("checksum", "crc32c"),
         save_timeout_s=save_timeout_s,
@@ -360,6 +360,11 @@ def run_with_restarts(attempt: Callable[[bool], RayJobResult], max_restarts: int
             reason = f"preempted at step {result.final_step}"
         restarts += 1
         log.warning("restarting the workers (%d of %d): %s", restarts, max_restarts, reason[:300])
+        from ckptmgr.ray.drain import wait_until_drained
+
+        still = wait_until_drained()  # never restart a rank on a node that is about to go
+        if still:
+            log.warning("node(s) %s still draining; restarting anyway", ", ".join(n[:12] for n in still))
 
 
 # -- the public helper ----------------------------------------------------------------------
