@@ -143,12 +143,12 @@ def _copy_bounded(src: BinaryIO, dst: BinaryIO, size: int, name: str) -> None:
         dst.write(chunk)
 
 
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of ``[start, start+size)`` of another file."""
+class SeekableReader(io.RawIOBase):
+    """A read-only, seekable raw file of ``_size`` bytes; subclasses read
+    from ``_pos`` in ``readinto``."""
 
-    def __init__(self, f: BinaryIO, start: int, size: int):
-        super().__init__()
-        self._f, self._start, self._size, self._pos = f, start, size, 0
+    _size: int
+    _pos: int = 0
 
     def readable(self) -> bool:
         return True
@@ -163,6 +163,14 @@ class _Window(io.RawIOBase):
         base = {0: 0, 1: self._pos, 2: self._size}[whence]
         self._pos = max(0, base + offset)
         return self._pos
+
+
+class _Window(SeekableReader):
+    """A read-only, seekable view of ``[start, start+size)`` of another file."""
+
+    def __init__(self, f: BinaryIO, start: int, size: int):
+        super().__init__()
+        self._f, self._start, self._size, self._pos = f, start, size, 0
 
     def readinto(self, buffer) -> int:
         n = max(0, min(len(buffer), self._size - self._pos))

@@ -29,7 +29,6 @@ Keras):
 from __future__ import annotations
 
 import bisect
-import io
 import os
 import queue
 import sys
@@ -43,7 +42,7 @@ import h5py
 import numpy as np
 
 from ckptmgr.errors import CorruptCheckpointError
-from ckptmgr.io.archive import WeightsFile, check_layout, open_weights, weights_member
+from ckptmgr.io.archive import SeekableReader, WeightsFile, check_layout, open_weights, weights_member
 from ckptmgr.io.checksums import CHUNK_BYTES, crc32c
 from ckptmgr.io.manifest import FileEntry
 from ckptmgr.io.snapshot import INLINE_BYTES
@@ -148,7 +147,7 @@ def _disjoint(spots: list[Spot], low: int, high: int) -> bool:
 # -- the archive in memory ------------------------------------------------------------
 
 
-class ArchiveImage(io.RawIOBase):
+class ArchiveImage(SeekableReader):
     """A read-only, seekable file over the archive's bytes in memory:
     ``pieces`` are ``(archive offset, bytes)``, sorted, covering ``[0, size)``."""
 
@@ -157,20 +156,6 @@ class ArchiveImage(io.RawIOBase):
         self._starts = [start for start, _ in pieces]
         self._views = [view for _, view in pieces]
         self._size, self._pos = size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
 
     def close(self) -> None:
         """Let go of the buffers (so a pool may hand them out again)."""
