@@ -88,6 +88,16 @@ class Placement:
     use_gpu: bool = False
     resources: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None  # per rank, or all
 
+    def needs(self) -> dict[str, float]:
+        """What all ranks together ask of the cluster: {resource: amount}."""
+        total: dict[str, float] = {"CPU": self.cpus_per_worker * self.num_workers}
+        if self.use_gpu:
+            total["GPU"] = float(self.num_workers)
+        for rank in range(self.num_workers):
+            for name, amount in self.actor_options(rank).get("resources", {}).items():
+                total[name] = total.get(name, 0.0) + amount
+        return total
+
     def actor_options(self, rank: int) -> dict[str, Any]:
         options: dict[str, Any] = {
             "num_cpus": self.cpus_per_worker,
@@ -293,6 +303,7 @@ def run_ranks(task: Task, placement: Placement, *, hint: str) -> list[dict[str, 
     stops all: :class:`JobStoppedError` ending with ``hint``."""
     import ray
 
+    check_resources(placement)
     worker_cls = ray.remote(max_restarts=0)(TrainWorker)
     n = placement.num_workers
     workers = [worker_cls.options(**placement.actor_options(rank)).remote(rank, n) for rank in range(n)]
@@ -302,6 +313,38 @@ def run_ranks(task: Task, placement: Placement, *, hint: str) -> list[dict[str, 
     finally:
         for w in workers:
             ray.kill(w)
+
+
+RESOURCE_WAIT_S = 30.0  # how long missing resources may take to appear (an autoscaler adding nodes)
+
+
+def check_resources(placement: Placement, wait_s: float | None = None) -> None:
+    """Fail in one line when the cluster lacks what the ranks ask for (GPUs a
+    CPU-only cluster does not have), after giving an autoscaler ``wait_s`` to
+    add nodes, instead of waiting silently for ever."""
+    import time
+
+    import ray
+
+    wait_s = RESOURCE_WAIT_S if wait_s is None else wait_s
+    needed = placement.needs()
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        have = ray.cluster_resources()
+        missing = {k: (v, have.get(k, 0.0)) for k, v in needed.items() if have.get(k, 0.0) < v}
+        if not missing:
+            return
+        text = ", ".join(f"{need:g} {name} (the cluster has {got:g})" for name, (need, got) in sorted(missing.items()))
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"The job's {placement.num_workers} workers need {text}; add nodes that have them "
+                "(or an autoscaler that does), or ask for less (ray.use_gpu, ray.cpus_per_worker, "
+                "ray.num_workers).")
+        if not said:
+            log.warning("waiting up to %.0f s for %s", wait_s, text)
+            said = True
+        time.sleep(1.0)
 
 
 def _wait_all(refs: list, hint: str) -> list[dict[str, Any]]:
