@@ -49,7 +49,8 @@ comma := ,
 LOWEST_VENV  ?= /tmp/ckptmgr-lowest
 LOWEST_TESTS ?= tests/test_keras_private.py tests/test_import_graph.py tests/test_format.py \
 	tests/test_assets.py tests/test_keras_compat.py tests/test_exact_resume.py \
-	tests/test_manager.py tests/test_cli.py tests/test_distributed.py tests/test_storage_contract.py
+	tests/test_manager.py tests/test_cli.py tests/test_distributed.py tests/test_ray_train.py \
+	tests/test_storage_contract.py
 LOWEST_EXTRAS := $(TF_EXTRA),ray,gcs
 test-lowest:
 	$(PYTHON) -m venv --clear $(LOWEST_VENV)
