@@ -29,6 +29,7 @@ ConfigArg = typer.Argument(..., help="YAML job config, e.g. configs/local.yaml."
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config field (repeatable), e.g. training.epochs=5.")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address (sets ray.address); default: start a local one.")
 LocalOpt = typer.Option(False, "--no-ray", help="Train in this process instead of on Ray workers.")
+VerboseOpt = typer.Option(False, "--verbose", help="Stream the Ray workers' logs (training and save lines) here (sets ray.worker_logs).")
 MaxRestartsOpt = typer.Option(None, "--max-restarts", min=0, help="Restart the workers after a preemption or a lost node, from the newest tier, up to N times (sets ray.max_restarts).")
 JsonRunOpt = typer.Option(False, "--json", help="Print one JSON object at the end (resumed_from, final_step, ...) instead of the summary line.")
 
@@ -42,10 +43,11 @@ def run(
     custom_object: Optional[list[str]] = CustomObjectOpt,
     import_: Optional[list[str]] = ImportOpt,
     max_restarts: Optional[int] = MaxRestartsOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Train the example job on Ray; continues from the newest checkpoint if there is one."""
     run_job(config, set_, resume=False, address=address, on_ray=not no_ray, as_json=as_json,
-            custom_objects=custom_object, imports=import_, max_restarts=max_restarts)
+            custom_objects=custom_object, imports=import_, max_restarts=max_restarts, verbose=verbose)
 
 
 def resume(
@@ -57,15 +59,17 @@ def resume(
     custom_object: Optional[list[str]] = CustomObjectOpt,
     import_: Optional[list[str]] = ImportOpt,
     max_restarts: Optional[int] = MaxRestartsOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Continue the example job from its newest good checkpoint (error if there is none)."""
     run_job(config, set_, resume=True, address=address, on_ray=not no_ray, as_json=as_json,
-            custom_objects=custom_object, imports=import_, max_restarts=max_restarts)
+            custom_objects=custom_object, imports=import_, max_restarts=max_restarts, verbose=verbose)
 
 
 def run_job(config: str, overrides: list[str] | None, *, resume: bool, address: str | None, on_ray: bool,
             as_json: bool = False, custom_objects: list[str] | None = None,
-            imports: list[str] | None = None, max_restarts: int | None = None) -> None:
+            imports: list[str] | None = None, max_restarts: int | None = None,
+            verbose: bool = False) -> None:
     from ckptmgr.config import apply_overrides, load_config, set_values
     from ckptmgr.manager import CheckpointManager
 
@@ -74,6 +78,8 @@ def run_job(config: str, overrides: list[str] | None, *, resume: bool, address: 
         cfg = set_values(cfg, {"ray.address": address}, {"ray.address": "--address"})
     if max_restarts is not None:
         cfg = set_values(cfg, {"ray.max_restarts": max_restarts}, {"ray.max_restarts": "--max-restarts"})
+    if verbose:
+        cfg = set_values(cfg, {"ray.worker_logs": True}, {"ray.worker_logs": "--verbose"})
     if custom_objects or imports:
         code = user_code(custom_objects, imports)
         named = dict(spec.split("=", 1) for spec in code.custom_objects)

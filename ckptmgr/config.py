@@ -182,6 +182,8 @@ class RayConfig(_Section):
     # Keep the run's coordinator actor after the job finished (it is detached);
     # by default a finished run stops it and its keepers (`ckptmgr coordinators`).
     keep_coordinator: bool = False
+    # Stream the workers' logs (training output, save lines) to the driver (`--verbose`).
+    worker_logs: bool = False
 
 
 class UserCodeConfig(_Section):

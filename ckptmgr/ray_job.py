@@ -173,7 +173,7 @@ def _run_once(cfg: JobConfig, *, resume: bool, worker_resources: list[dict[str, 
 
     # null means a new local cluster, as documented: plain ray.init() would join
     # whatever /tmp/ray/ray_current_cluster names (and wait minutes on a stale one).
-    ensure_ray(cfg.ray.address or "local", log_to_driver=False, configure_logging=False)
+    ensure_ray(cfg.ray.address or "local", log_to_driver=cfg.ray.worker_logs, configure_logging=False)
     options = coordinator_options(cfg)
     coordinator = coordinator_for(options)
     latest = ray.get(coordinator.latest_step.remote())

@@ -216,3 +216,28 @@ def test_max_restarts_flag_sets_the_restart_budget_of_the_run(monkeypatch, tmp_p
     assert seen == {"max_restarts": 3}
     assert cli.main(["run", "configs/local.yaml", "--max-restarts", "-1", *sets]) == 2
     assert "--max-restarts" in capsys.readouterr().err
+
+
+def test_verbose_streams_the_workers_logs_to_the_driver(monkeypatch, tmp_path):
+    """Issue 12: `ckptmgr run` hid the workers' output (log_to_driver=False)
+    even with --debug; --verbose asks Ray to stream it."""
+    import ray
+
+    from ckptmgr import cli
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(address=None, **kwargs):
+        seen.append(kwargs.get("log_to_driver"))
+        raise Stop()
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    sets = ["--set", f"checkpoint.directory={tmp_path / 'ck'}"]
+    for flags in (["--verbose"], []):
+        with pytest.raises(Stop):
+            cli.main(["--debug", "run", "configs/local.yaml", *flags, *sets])
+    assert seen == [True, False]
