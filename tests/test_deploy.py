@@ -696,7 +696,7 @@ def test_hook_pattern_names_the_training_actor():
     match = re.search(r"CKPTMGR_WORKER_PATTERN:-ray::([A-Za-z_]\w*)\}", HOOK.read_text(encoding="utf-8"))
     assert match, "forward-sigterm.sh: default pattern ray::ClassName not found"
     name = match.group(1)
-    sources = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "ckptmgr").glob("*.py"))
+    sources = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "ckptmgr").rglob("*.py"))
     assert re.search(rf"^class {name}\b", sources, flags=re.M), f"no class {name} in ckptmgr/"
     assert re.search(rf"ray\.remote\([^)]*\)\(\s*{name}\s*\)|@ray\.remote[^\n]*\n(?:@[^\n]*\n)*class {name}\b", sources), (
         f"{name} is not made a Ray actor in ckptmgr/; update the hook's pattern"
