@@ -224,10 +224,17 @@ def coordinator_for(options: CoordinatorOptions) -> Any:
     from ckptmgr.coordinator import find, get_or_create
 
     existing = find(options.directory)
-    if existing is not None and ray.get(existing.options_.remote()) != options:
-        log.info("restarting the coordinator of %s with the new options", options.directory)
-        ray.get(existing.shutdown.remote())  # finishes a write in flight
-        ray.kill(existing)
+    if existing is not None:
+        try:
+            current = ray.get(existing.options_.remote())
+        except ray.exceptions.RayActorError:  # died with its node: a new one carries on
+            log.warning("the coordinator of %s died (lost node); starting a new one", options.directory)
+            ray.kill(existing)
+            current = options
+        if current != options:
+            log.info("restarting the coordinator of %s with the new options", options.directory)
+            ray.get(existing.shutdown.remote())  # finishes a write in flight
+            ray.kill(existing)
     return get_or_create(options)
 
 
@@ -283,7 +290,10 @@ def stop_coordinator(directory: str | os.PathLike) -> bool:
     directory = os.fspath(directory)
     existing = find(directory)
     if existing is not None:
-        ray.get(existing.shutdown.remote())
+        try:
+            ray.get(existing.shutdown.remote())
+        except ray.exceptions.RayActorError:
+            pass  # already gone with its node
         ray.kill(existing)
     return MemoryTier(directory).stop() > 0 or existing is not None
 
