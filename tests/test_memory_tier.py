@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -250,6 +251,25 @@ def test_the_prestop_hook_drains_its_node_with_a_deadline(cluster):
     c.wait_for_nodes()
 
 
+class _HoldUntil(keras.callbacks.Callback):
+    """Pauses every rank after `batches` batches until the driver creates `gate`.
+
+    Without it a 2-core CI machine may finish all 192 steps before the drain
+    it is meant to survive is issued. Holding changes no numbers, and a
+    restarted attempt passes straight through (the gate exists by then).
+    """
+
+    def __init__(self, gate: str, batches: int):
+        super().__init__()
+        self.gate, self.batches, self.seen = Path(gate), batches, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        deadline = time.monotonic() + 180
+        while self.seen == self.batches and not self.gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def user_train_loop(config: dict) -> None:
     """A Ray Train loop with the user's own model (not the example job)."""
     import hashlib
@@ -270,7 +290,10 @@ def user_train_loop(config: dict) -> None:
     x = np.random.default_rng(3).normal(size=(512, 8)).astype("float32")
     y = x.sum(axis=1, keepdims=True)
     callback = CheckpointCallback(config["directory"], save_freq=64, memory_every=4, memory_replicas=2)
-    model.fit(x, y, batch_size=32, epochs=config["epochs"], shuffle=False, verbose=0, callbacks=[callback])
+    callbacks = [callback]
+    if config.get("gate"):
+        callbacks.append(_HoldUntil(config["gate"], batches=70))
+    model.fit(x, y, batch_size=32, epochs=config["epochs"], shuffle=False, verbose=0, callbacks=callbacks)
     digest = hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
     if ray.train.get_context().get_world_rank() == 0:  # what the driver checks (same machine)
         Path(config["report"]).write_text(json.dumps({
@@ -278,13 +301,14 @@ def user_train_loop(config: dict) -> None:
             "restored_tier": callback.restored_tier}))
 
 
-def _ray_train(directory: str, storage: Path, epochs: int):
+def _ray_train(directory: str, storage: Path, epochs: int, gate: str | None = None):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     return TensorflowTrainer(
         user_train_loop,
-        train_loop_config={"directory": directory, "epochs": epochs, "report": str(storage / "report.json")},
+        train_loop_config={"directory": directory, "epochs": epochs, "report": str(storage / "report.json"),
+                           "gate": gate},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1, "trainer": 1}),
         run_config=RunConfig(name="ckptmgr-preempt", storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=2)),
@@ -301,8 +325,9 @@ def test_ray_train_preemption_info_snapshots_to_memory_and_the_restart_is_exact(
 
     directory = str(tmp_path / "run")
     outcome: dict = {}
+    gate = tmp_path / "drained"  # the ranks hold at batch 70 until the drain is issued
     thread = threading.Thread(target=lambda: outcome.setdefault(
-        "result", _ray_train(directory, tmp_path / "ray_run", epochs).fit()))
+        "result", _ray_train(directory, tmp_path / "ray_run", epochs, str(gate)).fit()))
     thread.start()
     manager = CheckpointManager(directory)
     deadline = time.monotonic() + 240
@@ -316,6 +341,7 @@ def test_ray_train_preemption_info_snapshots_to_memory_and_the_restart_is_exact(
     by_id = {_node_id(n): name for name, n in nodes.items()}
     assert victim in by_id, rank_nodes  # a worker node, not the head
     _drain(c.address, victim, deadline_s=60)
+    gate.write_text("drained")
     emergency = None
     while emergency is None and time.monotonic() < deadline:
         emergency = next((x for x in ray.get(coord.memory_copies.remote()) if x.get("emergency")), None)
