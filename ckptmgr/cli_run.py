@@ -106,7 +106,7 @@ def run_job(config: str, overrides: list[str] | None, *, resume: bool, address: 
     if on_ray:
         from ckptmgr.ray_job import run_on_ray
 
-        result, _ = run_on_ray(cfg, resume=resume)
+        result, _ = run_on_ray(cfg, resume=resume, watch=True)
         where = f"on Ray with {cfg.ray.num_workers} workers"
     else:
         from ckptmgr import job

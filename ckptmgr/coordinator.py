@@ -36,6 +36,7 @@ from typing import Any
 from ckptmgr.agreement import RestoreVotes
 from ckptmgr.replicas import gather_shards, shard_rows, snapshot_digest, with_shards  # noqa: F401 - re-exported
 from ckptmgr.errors import DistributedSaveError
+from ckptmgr.integrity import one_line
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState
 from ckptmgr.io.parts import parallel_kind_of
@@ -45,6 +46,7 @@ from ckptmgr.ray.drain import DrainNotice, DrainWatch
 from ckptmgr.ray.keepers import MemoryTier
 from ckptmgr.ray.memory_coordinator import MemoryTierMixin
 from ckptmgr.ray.metrics import RayMetrics
+from ckptmgr.ray.watch import RunEvents
 
 log = logging.getLogger("ckptmgr")
 
@@ -129,6 +131,7 @@ class Coordinator(MemoryTierMixin):
         self._parts: dict[int, dict[int, Part]] = {}
         self._results: dict[int, Future] = {}
         self._metrics = RayMetrics(options.directory)
+        self._events = RunEvents()  # what the driver shows (ckptmgr.ray.watch)
         self._writer = SavePipeline(options.on_busy, name="ckptmgr-coordinator",  # type: ignore[arg-type]
                                     on_drop=self._metrics.count)
         self._prune_lock = threading.Lock()
@@ -181,11 +184,13 @@ class Coordinator(MemoryTierMixin):
         reference = parts[0].digest
         disagree = sorted(r for r, p in parts.items() if p.digest != reference)
         if disagree:
-            result.set_exception(DistributedSaveError(
+            refused = DistributedSaveError(
                 f"step {step} refused: replicated state of ranks {disagree} differs "
                 f"from rank 0 (digest {parts[disagree[0]].digest[:12]} vs {reference[:12]}); "
                 "nothing was written. Replicas diverged: check the strategy and seeds."
-            ))
+            )
+            result.set_exception(refused)
+            self._failed(step, refused)
             return
         memory = parts[0].extra.get("tier") == "memory"
         pipeline, job = (self._keeping, self._keep) if memory else (self._writer, self._write)
@@ -196,7 +201,16 @@ class Coordinator(MemoryTierMixin):
             skipped=lambda: {"skipped": True, "step": step},
         )
         future.add_done_callback(lambda f: _copy_outcome(f, result))
-        future.add_done_callback(lambda f: f.exception() is None or self._metrics.count("saves_failed"))
+        future.add_done_callback(lambda f: f.exception() is None or self._failed(step, f.exception()))
+
+    def _failed(self, step: int, exc: BaseException) -> None:
+        self._metrics.count("saves_failed")
+        self._events.add("failed", step=step, error=one_line(exc, step))
+
+    def _committed(self, step: int, stats, **fields: Any) -> None:
+        """A checkpoint is in storage: the metrics and the driver's watch hear of it."""
+        self._metrics.record(step, stats)
+        self._events.add("saved", step=step, bytes=stats.bytes, write_s=stats.write_s, **fields)
 
     # -- phase 2: commit --------------------------------------------------------
     def _write(self, step: int, parts: dict[int, Part]) -> dict:
@@ -229,7 +243,7 @@ class Coordinator(MemoryTierMixin):
         except BaseException:
             self._writer.give_back_counts(counts)
             raise
-        self._metrics.record(step, manifest.stats)
+        self._committed(step, manifest.stats)
         return {"step": step, "manifest": manifest.model_dump(mode="json")}
 
     # -- ranged writes (see ckptmgr.ranged_write) --------------------------------
@@ -399,6 +413,18 @@ class Coordinator(MemoryTierMixin):
     def dropped_saves(self) -> dict[str, int]:
         """Steps replaced and skipped so far (also the Ray counters)."""
         return {kind: self._metrics.counts[f"saves_{kind}"] for kind in ("replaced", "skipped")}
+
+    # -- the driver's watch (ckptmgr.ray.watch) ---------------------------------------
+    def watch(self, cursor: int) -> dict[str, Any]:
+        """Events since ``cursor`` and rank 0's latest progress."""
+        return self._events.since(cursor)
+
+    def note(self, kind: str, fields: dict[str, Any]) -> None:
+        """An event a rank saw (the restore it applied, an epoch's end)."""
+        self._events.add(kind, **fields)
+
+    def note_progress(self, fields: dict[str, Any]) -> None:
+        self._events.progress(fields)
 
     def metric_counts(self) -> dict[str, int]:
         """Every counter exported as a Ray metric (``ray_ckptmgr_*``), so far."""

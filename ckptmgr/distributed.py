@@ -37,12 +37,14 @@ from ckptmgr.ranged_write import write_assigned_range
 from ckptmgr.manager import CheckpointManager
 from ckptmgr.io.manifest import LoopState, Manifest
 from ckptmgr.pipeline import SavePipeline
+from ckptmgr.keras_preemption import scalar_logs
 from ckptmgr.preemption import clear_preemption, preemption_requested
 
 log = logging.getLogger("ckptmgr")
 
 POLL_INTERVAL_S = 0.2  # how often workers ask the coordinator for an emergency step
 EMERGENCY_LEAD_S = 1.0  # how far ahead (in training time) the emergency step is set
+PROGRESS_INTERVAL_S = 0.5  # how often rank 0 tells the coordinator its step and loss
 
 
 class CoordinatorClient:
@@ -72,6 +74,7 @@ class CoordinatorClient:
         self._deadline_ms: int | None = None  # of a drain notice (Unix ms)
         self._handle = None
         self._next_poll = 0.0
+        self._next_progress = 0.0
         self._step_clock: tuple[int, float] | None = None
         self._step_times: collections.deque[float] = collections.deque(maxlen=32)
 
@@ -95,6 +98,28 @@ class CoordinatorClient:
             log.warning("coordinator died; starting a new one")
             self._handle = get_or_create(self.options)
             return ray.get(getattr(self._handle, method).remote(*args), timeout=timeout)
+
+    # -- what the driver's watch shows (ckptmgr.ray.watch): rank 0, fire and forget --
+    def note_progress(self, step: int, logs, *, epoch: int, epochs: int | None,
+                      total_steps: int | None, epoch_end: bool = False) -> None:
+        """Rank 0's step and loss, at most every ``PROGRESS_INTERVAL_S`` and at each
+        epoch's end (``epoch`` counts from 1, as Keras shows it)."""
+        now = time.monotonic()
+        if self.rank != 0 or (now < self._next_progress and not epoch_end):
+            return
+        self._next_progress = now + PROGRESS_INTERVAL_S
+        loss = scalar_logs({"loss": (logs or {}).get("loss")}).get("loss")
+        fields = {"step": step, "epoch": epoch, "epochs": epochs, "total_steps": total_steps, "loss": loss}
+        self._tell("note_progress", fields)
+        if epoch_end:
+            self._tell("note", "epoch", fields)
+
+    def _tell(self, method: str, *args) -> None:
+        """Call the coordinator without waiting; showing progress never stops training."""
+        try:
+            getattr(self._actor(), method).remote(*args)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("could not tell the coordinator %s: %s", method, exc)
 
     # -- queries and restore ---------------------------------------------------
     def steps(self) -> list[int]:
@@ -135,6 +160,7 @@ class CoordinatorClient:
         self.restored_tier = "storage"
         if self.rank == 0:
             log.info("restored step %d from storage", chosen)
+            self._tell("note", "restored", {"step": chosen, "tier": "storage"})
         return manifest
 
     def _restore_from_memory(self, model) -> Manifest | None:
@@ -155,6 +181,7 @@ class CoordinatorClient:
         self._resumed_from, self.restored_tier = plan["step"], "memory"
         if self.rank == 0:
             log.info("restored step %d from memory on node %s", plan["step"], plan["node"][:12])
+            self._tell("note", "restored", {"step": plan["step"], "tier": "memory"})
         return manifest
 
     def supersede_after(self, step: int | None, reason: str) -> list[int]:

@@ -307,6 +307,7 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
         before = self._global_step
         self._global_step += done
         self._batch = batch + 1
+        self._note_progress(logs)
         if self._emergency_due(before):
             self._emergency_save(logs)
             return
@@ -332,7 +333,17 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
         steps = (self.params or {}).get("steps")
         return bool(steps) and self._batch >= steps
 
+    def _note_progress(self, logs, epoch_end: bool = False) -> None:
+        """On Ray, rank 0's step and loss for the driver's watch (``ckptmgr run``)."""
+        if hasattr(self.manager, "note_progress"):
+            params = self.params or {}
+            epochs, steps = params.get("epochs"), params.get("steps")
+            self.manager.note_progress(self._global_step, logs, epoch=self._epoch + 1, epochs=epochs,
+                                       total_steps=steps * epochs if steps and epochs else None,
+                                       epoch_end=epoch_end)
+
     def on_epoch_end(self, epoch, logs=None):
+        self._note_progress(logs, epoch_end=True)
         self._epoch_done = True
         self._skip = None
         logged = self._monitor_logged(epoch, logs)

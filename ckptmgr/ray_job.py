@@ -143,11 +143,13 @@ def run_on_ray(
     resume: bool,
     worker_resources: list[dict[str, float]] | None = None,
     return_weights: bool = False,
+    watch: bool = False,
 ) -> tuple[RayJobResult, list[Any] | None]:
     """Run the example job on Ray; returns the result and, with
     ``return_weights``, rank 0's final weights (else ``None``).
 
     ``worker_resources`` (one dict per rank) places ranks on chosen nodes.
+    ``watch`` shows progress and one line per save and restore on stderr.
     After a preemption or a lost worker the workers are started again from
     the newest tier, up to ``ray.max_restarts`` times; then the run stops
     (``JobStoppedError``, or a result with ``preempted``).
@@ -156,7 +158,7 @@ def run_on_ray(
         # A restart continues from whatever the failed attempt saved, if anything
         # (a run that failed before its first checkpoint starts again fresh).
         lambda restarted: _run_once(cfg, resume=resume and not restarted, worker_resources=worker_resources,
-                                    return_weights=return_weights),
+                                    return_weights=return_weights, watch=watch),
         cfg.ray.max_restarts,
     )
     if not result.preempted and not cfg.ray.keep_coordinator:
@@ -167,7 +169,7 @@ def run_on_ray(
 
 
 def _run_once(cfg: JobConfig, *, resume: bool, worker_resources: list[dict[str, float]] | None,
-              return_weights: bool) -> RayJobResult:
+              return_weights: bool, watch: bool = False) -> RayJobResult:
     """One start of the workers: train until done, preempted, or a worker is lost."""
     import ray
 
@@ -184,4 +186,4 @@ def _run_once(cfg: JobConfig, *, resume: bool, worker_resources: list[dict[str, 
         )
     placement = Placement(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, worker_resources)
     task = functools.partial(_example_task, cfg.model_dump_json(), return_weights)
-    return run_attempt(coordinator, options, task, placement, hint=RESUME_HINT)
+    return run_attempt(coordinator, options, task, placement, hint=RESUME_HINT, watch=watch)

@@ -6,6 +6,7 @@ rank is pinned to its own node through a custom resource. Marked slow, run in CI
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import threading
@@ -24,6 +25,7 @@ from ckptmgr.io.archive import ModelSnapshot, VarGroup  # noqa: E402
 from ckptmgr.config import apply_overrides, load_config  # noqa: E402
 from ckptmgr.coordinator import CoordinatorOptions, get_or_create, snapshot_digest  # noqa: E402
 from ckptmgr.errors import DistributedSaveError  # noqa: E402
+from ckptmgr.ray.watch import RunWatch, describe  # noqa: E402
 from ckptmgr.ray_job import WORKER_ENV, JobStoppedError, run_on_ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -187,7 +189,47 @@ def test_digest_mismatch_refuses_the_step(cluster, tmp_path):
     with pytest.raises(DistributedSaveError, match=r"step 5 refused: .*ranks \[1\] differs"):
         ray.get(coord.wait_step.remote(5, 30))
     assert CheckpointManager(directory).steps() == []
+    # What the driver's watch shows, and the failure counter.
+    failed = [e for e in ray.get(coord.watch.remote(0))["events"] if e["kind"] == "failed"]
+    assert [e["step"] for e in failed] == [5] and "ranks [1] differs" in describe(failed[0])
+    assert ray.get(coord.metric_counts.remote())["saves_failed"] == 1
     ray.kill(coord)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_watch_draws_a_progress_bar_on_a_terminal(cluster, tmp_path):
+    coord = get_or_create(CoordinatorOptions(str(tmp_path / "run"), world_size=1))
+    ray.get(coord.note.remote("restored", {"step": 5, "tier": "memory"}))
+    ray.get(coord.note_progress.remote({"step": 40, "epoch": 2, "epochs": 2, "total_steps": 64, "loss": 0.5}))
+    stream = _Terminal()
+    with RunWatch(coord, stream) as watch:
+        watch.tick()
+    text = stream.getvalue()
+    assert "ckptmgr: restored step 5 from memory" in text
+    assert "40/64" in text and "epoch 2/2" in text and "loss 0.5" in text
+    assert "\x1b[" in text  # drawn for a terminal, not plain lines
+    plain = io.StringIO()  # piped: no bar, only the events
+    with RunWatch(coord, plain) as watch:
+        watch.tick()
+    assert plain.getvalue() == "ckptmgr: restored step 5 from memory\n"
+    ray.kill(coord)
+
+
+def test_the_driver_shows_every_save_restore_and_epoch(cluster, tmp_path, capsys):
+    directory = str(tmp_path / "run")
+    run_on_ray(_cfg(directory, "training.epochs=1"), resume=False, worker_resources=PLACEMENT, watch=True)
+    first = capsys.readouterr().err
+    assert [f"saved step {s} (" in first for s in (8, 16)] == [True, True]
+    assert "ckptmgr: epoch 1/1 done: step 16/16, loss " in first
+    run_on_ray(_cfg(directory), resume=True, worker_resources=PLACEMENT, watch=True)
+    second = capsys.readouterr().err
+    assert "ckptmgr: restored step 16 from storage" in second
+    assert "ckptmgr: saved step 24 (" in second and "ckptmgr: epoch 2/2 done: step 32/32" in second
+    assert "epoch 1/2 done" not in second  # continued at epoch 2
 
 
 def test_missing_part_times_out_naming_the_rank(cluster, tmp_path):

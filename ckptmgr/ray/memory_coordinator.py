@@ -53,6 +53,7 @@ class MemoryTierMixin:
                 raise DistributedSaveError(f"emergency step {step}: {exc}") from None
             return {"memory": False, "step": step, "error": str(exc)[:500]}
         self._metrics.memory(step)
+        self._events.add("memory", step=step, nodes=list(outcome["nodes"]), emergency=bool(extra.get("emergency")))
         log.info("kept step %d in memory on node(s) %s (%.2f s)", step,
                  ", ".join(n[:12] for n in outcome["nodes"]), outcome["keep_s"])
         if extra.get("emergency"):
@@ -75,15 +76,17 @@ class MemoryTierMixin:
                 world={"world_size": self.options.world_size, "ranks": meta["ranks"],
                        "digest": meta["digest"], "from": "memory"},
             )
-            self._metrics.record(step, manifest.stats)
+            self._committed(step, manifest.stats, from_memory=True)
             log.info("emergency step %d persisted from memory %.1f s after the notice", step,
                      time.monotonic() - started)
             return {"step": step, "manifest": manifest.model_dump(mode="json")}
 
         future = self._writer.submit(step, persist, may_drop=False, report=False, sticky=True)
-        future.add_done_callback(
-            lambda f: f.exception() is None
-            or log.error("emergency step %d not persisted from memory: %s", step, f.exception()))
+        future.add_done_callback(lambda f: f.exception() is None or self._not_persisted(step, f.exception()))
+
+    def _not_persisted(self, step: int, exc: BaseException) -> None:
+        log.error("emergency step %d not persisted from memory: %s", step, exc)
+        self._failed(step, exc)
 
     def flush_writes(self, timeout_s: float) -> bool:
         """Wait until memory keeps and storage writes queued so far are done
@@ -166,6 +169,7 @@ class MemoryTierMixin:
                     notice.node[:12], "no deadline" if left is None else f"{left:.1f} s left",
                     " into the memory tier" if self._tier is not None else "")
         self._notice = notice
+        self._events.add("drain", node=notice.node, seconds_left=left)
 
     def notice(self) -> dict[str, Any]:
         """What the ranks' polls read: the agreed emergency step, if any, and

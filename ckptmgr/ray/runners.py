@@ -20,6 +20,7 @@ Imports neither Ray, TensorFlow nor Keras until a function needs them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ckptmgr.errors import ConfigError, JobStoppedError
+from ckptmgr.ray.watch import RunWatch
 
 if TYPE_CHECKING:
     from ckptmgr.coordinator import CoordinatorOptions
@@ -307,10 +309,12 @@ def release_memory_tier(directory: str) -> None:
 
 
 # -- driver side: the ranks -----------------------------------------------------------
-def run_ranks(task: Task, placement: Placement, *, hint: str) -> list[dict[str, Any]]:
+def run_ranks(task: Task, placement: Placement, *, hint: str,
+              on_tick: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Start one :class:`TrainWorker` per rank, run ``task`` on each, and return
     their outcomes by rank; every actor is stopped afterwards. A failed rank
-    stops all: :class:`JobStoppedError` ending with ``hint``."""
+    stops all: :class:`JobStoppedError` ending with ``hint``. ``on_tick`` is
+    called about twice a second while they train."""
     import ray
 
     check_resources(placement)
@@ -319,7 +323,7 @@ def run_ranks(task: Task, placement: Placement, *, hint: str) -> list[dict[str, 
     workers = [worker_cls.options(**placement.actor_options(rank)).remote(rank, n) for rank in range(n)]
     try:
         cluster = ray.get([w.address.remote() for w in workers])
-        return _wait_all([w.run.remote(task, cluster) for w in workers], hint)
+        return _wait_all([w.run.remote(task, cluster) for w in workers], hint, on_tick)
     finally:
         for w in workers:
             ray.kill(w)
@@ -357,13 +361,16 @@ def check_resources(placement: Placement, wait_s: float | None = None) -> None:
         time.sleep(1.0)
 
 
-def _wait_all(refs: list, hint: str) -> list[dict[str, Any]]:
+def _wait_all(refs: list, hint: str, on_tick: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Results of every rank, or raise when one fails (the caller stops the rest)."""
     import ray
 
     pending = list(refs)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        done, pending = ray.wait(pending, num_returns=1, timeout=None if on_tick is None else 0.5)
+        if not done:
+            on_tick()
+            continue
         try:
             ray.get(done[0])
         except ray.exceptions.RayError as exc:
@@ -378,14 +385,16 @@ def _wait_all(refs: list, hint: str) -> list[dict[str, Any]]:
 
 
 def run_attempt(coordinator, options: CoordinatorOptions, task: Task, placement: Placement, *,
-                hint: str) -> RayJobResult:
-    """One start of the ranks: train until done, preempted, or a rank is lost."""
+                hint: str, watch: bool = False) -> RayJobResult:
+    """One start of the ranks: train until done, preempted, or a rank is lost.
+    ``watch``: show progress and the coordinator's saves on stderr (:mod:`ckptmgr.ray.watch`)."""
     import ray
 
-    results = run_ranks(task, placement, hint=hint)
-    preempted = any(r["preempted"] for r in results)
-    if preempted and not ray.get(coordinator.flush_writes.remote(options.save_timeout_s)):
-        log.error("the emergency checkpoint is still being persisted after %.0f s", options.save_timeout_s)
+    with RunWatch(coordinator) if watch else contextlib.nullcontext() as shown:
+        results = run_ranks(task, placement, hint=hint, on_tick=shown.tick if shown else None)
+        preempted = any(r["preempted"] for r in results)
+        if preempted and not ray.get(coordinator.flush_writes.remote(options.save_timeout_s)):
+            log.error("the emergency checkpoint is still being persisted after %.0f s", options.save_timeout_s)
     lead = results[0]
     return RayJobResult(
         final_step=ray.get(coordinator.latest_step.remote()), restored_step=lead["restored_step"],
