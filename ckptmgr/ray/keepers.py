@@ -114,6 +114,7 @@ class HeldCopy:
     keeper: str  # actor name
     node: str
     meta: dict[str, Any] = field(default_factory=dict)
+    handle: Any = field(default=None, repr=False, compare=False)  # the keeper actor
 
 
 class MemoryTier:
@@ -125,6 +126,7 @@ class MemoryTier:
         self.retain = retain
         self.timeout_s = timeout_s
         self._warned_single_node = False
+        self._handles: dict[str, Any] = {}  # node -> keeper; a lookup by name is an RPC
 
     # -- placement -----------------------------------------------------------------
     def target_nodes(self, producer: str | None, draining: set[str]) -> list[str]:
@@ -149,17 +151,20 @@ class MemoryTier:
         return chosen
 
     def keeper_on(self, node_id: str):
-        """The run's keeper on ``node_id``, created on first use."""
+        """The run's keeper on ``node_id``, created on first use, then cached
+        (until a call to it fails: :meth:`store` forgets it)."""
         import ray
 
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        actor_cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=8)(Keeper)
-        return actor_cls.options(
-            name=keeper_name(self.directory, node_id), namespace=NAMESPACE, get_if_exists=True,
-            lifetime="detached",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(self.directory, self.retain)
+        if node_id not in self._handles:
+            actor_cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=8)(Keeper)
+            self._handles[node_id] = actor_cls.options(
+                name=keeper_name(self.directory, node_id), namespace=NAMESPACE, get_if_exists=True,
+                lifetime="detached",
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(self.directory, self.retain)
+        return self._handles[node_id]
 
     def warm(self, producer: str | None) -> None:
         """Start the keepers now (a worker process each takes seconds), so the
@@ -186,6 +191,7 @@ class MemoryTier:
                 held.append(kept["node"])
                 each_s.append((round(kept["pull_s"], 3), round(kept["keep_s"], 3)))
             except Exception as exc:  # noqa: BLE001 - one keeper's failure; the others may hold it
+                self._handles.pop(node, None)  # dead or stuck: looked up (or started) again next time
                 problems.append(f"node {node[:12]}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         if not held:
             raise RuntimeError(f"memory snapshot of step {step} kept nowhere ({'; '.join(problems) or 'no usable node'})")
@@ -220,7 +226,7 @@ class MemoryTier:
                 held = ray.get(handle.held.remote(), timeout=30)
             except Exception:  # noqa: BLE001 - a keeper on a lost node: nothing there
                 continue
-            copies += [HeldCopy(m["step"], name, m.get("node", ""), m) for m in held]
+            copies += [HeldCopy(m["step"], name, m.get("node", ""), m, handle) for m in held]
         return sorted(copies, key=lambda c: (-c.step, c.keeper))
 
     def drop_after(self, step: int | None) -> None:
@@ -239,4 +245,5 @@ class MemoryTier:
         found = self.keepers()
         for handle in found.values():
             ray.kill(handle)
+        self._handles.clear()
         return len(found)

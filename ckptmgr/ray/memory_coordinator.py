@@ -68,7 +68,7 @@ class MemoryTierMixin:
             import ray
 
             copy = next(c for c in self._tier.copies() if c.step == step)
-            refs = ray.get(self._tier.keepers()[copy.keeper].fetch.remote(step))
+            refs = ray.get(copy.handle.fetch.remote(step))
             snapshot = ray.get(refs[0])
             manifest = self.manager.write_snapshot(
                 step, snapshot, metrics=meta["metrics"], extra=meta["extra"],
@@ -111,7 +111,7 @@ class MemoryTierMixin:
         """Fault injection (tests): flip a bit in every held copy of ``step``."""
         copies = [c for c in self._tier.copies() if c.step == step]
         for c in copies:
-            self._tier.keepers()[c.keeper].damage.remote(step)
+            c.handle.damage.remote(step)
         return len(copies)
 
     # -- restoring -------------------------------------------------------------------
