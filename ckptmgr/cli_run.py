@@ -34,36 +34,30 @@ MaxRestartsOpt = typer.Option(None, "--max-restarts", min=0, help="Restart the w
 JsonRunOpt = typer.Option(False, "--json", help="Print one JSON object at the end (resumed_from, final_step, ...) instead of the summary line.")
 
 
-def run(
-    config: str = ConfigArg,
-    set_: Optional[list[str]] = SetOpt,
-    address: Optional[str] = AddressOpt,
-    no_ray: bool = LocalOpt,
-    as_json: bool = JsonRunOpt,
-    custom_object: Optional[list[str]] = CustomObjectOpt,
-    import_: Optional[list[str]] = ImportOpt,
-    max_restarts: Optional[int] = MaxRestartsOpt,
-    verbose: bool = VerboseOpt,
-) -> None:
-    """Train the example job on Ray; continues from the newest checkpoint if there is one."""
-    run_job(config, set_, resume=False, address=address, on_ray=not no_ray, as_json=as_json,
-            custom_objects=custom_object, imports=import_, max_restarts=max_restarts, verbose=verbose)
+def _job_command(*, resume: bool, doc: str):
+    """``run`` and ``resume``: the same options; ``resume`` requires a checkpoint."""
+
+    def command(
+        config: str = ConfigArg,
+        set_: Optional[list[str]] = SetOpt,
+        address: Optional[str] = AddressOpt,
+        no_ray: bool = LocalOpt,
+        as_json: bool = JsonRunOpt,
+        custom_object: Optional[list[str]] = CustomObjectOpt,
+        import_: Optional[list[str]] = ImportOpt,
+        max_restarts: Optional[int] = MaxRestartsOpt,
+        verbose: bool = VerboseOpt,
+    ) -> None:
+        run_job(config, set_, resume=resume, address=address, on_ray=not no_ray, as_json=as_json,
+                custom_objects=custom_object, imports=import_, max_restarts=max_restarts, verbose=verbose)
+
+    command.__name__ = command.__qualname__ = "resume" if resume else "run"
+    command.__doc__ = doc
+    return command
 
 
-def resume(
-    config: str = ConfigArg,
-    set_: Optional[list[str]] = SetOpt,
-    address: Optional[str] = AddressOpt,
-    no_ray: bool = LocalOpt,
-    as_json: bool = JsonRunOpt,
-    custom_object: Optional[list[str]] = CustomObjectOpt,
-    import_: Optional[list[str]] = ImportOpt,
-    max_restarts: Optional[int] = MaxRestartsOpt,
-    verbose: bool = VerboseOpt,
-) -> None:
-    """Continue the example job from its newest good checkpoint (error if there is none)."""
-    run_job(config, set_, resume=True, address=address, on_ray=not no_ray, as_json=as_json,
-            custom_objects=custom_object, imports=import_, max_restarts=max_restarts, verbose=verbose)
+run = _job_command(resume=False, doc="Train the example job on Ray; continues from the newest checkpoint if there is one.")
+resume = _job_command(resume=True, doc="Continue the example job from its newest good checkpoint (error if there is none).")
 
 
 def run_job(config: str, overrides: list[str] | None, *, resume: bool, address: str | None, on_ray: bool,
