@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray_cluster import local_cluster  # noqa: E402
 
 from ckptmgr import CheckpointManager  # noqa: E402
 from ckptmgr.io.archive import ModelSnapshot, VarGroup  # noqa: E402
@@ -26,7 +26,7 @@ from ckptmgr.config import apply_overrides, load_config  # noqa: E402
 from ckptmgr.coordinator import CoordinatorOptions, get_or_create, snapshot_digest  # noqa: E402
 from ckptmgr.errors import DistributedSaveError  # noqa: E402
 from ckptmgr.ray.watch import RunWatch, describe  # noqa: E402
-from ckptmgr.ray_job import WORKER_ENV, JobStoppedError, run_on_ray  # noqa: E402
+from ckptmgr.ray_job import JobStoppedError, run_on_ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -35,15 +35,8 @@ PLACEMENT = [{"rank0": 1}, {"rank1": 1}]
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes = {name: c.add_node(num_cpus=1, resources={name: 1}) for name in ("rank0", "rank1")}
-    c.wait_for_nodes()
-    # Workers import helpers from this directory (same machine, so a path works).
-    env = dict(WORKER_ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
-    ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=False)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    with local_cluster({name: {name: 1} for name in ("rank0", "rank1")}) as made:
+        yield made
 
 
 def _cfg(directory: str, *extra: str, storage_options: dict | None = None):

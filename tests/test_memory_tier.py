@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray_cluster import local_cluster  # noqa: E402
 
 from ckptmgr import CheckpointManager  # noqa: E402
 from ckptmgr.config import apply_overrides, load_config  # noqa: E402
@@ -31,7 +31,7 @@ from ckptmgr.io.snapshot import ModelSnapshot, VarGroup  # noqa: E402
 from ckptmgr.ray.drain import draining_nodes  # noqa: E402
 from ckptmgr.ray.keepers import MemoryTier  # noqa: E402
 from ckptmgr.ray.memory_restore import fetch_and_check  # noqa: E402
-from ckptmgr.ray_job import WORKER_ENV, run_on_ray  # noqa: E402
+from ckptmgr.ray_job import run_on_ray  # noqa: E402
 from ckptmgr.replicas import snapshot_digest  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -41,16 +41,9 @@ PLACEMENT = [{"rank0": 1}, {"rank1": 1}]
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     # "trainer": where Ray Train may place its ranks (never the head).
-    nodes = {name: c.add_node(num_cpus=1, resources={name: 1, "trainer": 1})
-             for name in ("rank0", "rank1", "spare")}
-    c.wait_for_nodes()
-    env = dict(WORKER_ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
-    ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=False)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    with local_cluster({name: {name: 1, "trainer": 1} for name in ("rank0", "rank1", "spare")}) as made:
+        yield made
 
 
 def _cfg(directory: str, *extra: str):

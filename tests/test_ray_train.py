@@ -28,13 +28,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 import keras  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray_cluster import local_cluster  # noqa: E402
 
 from ckptmgr import CheckpointManager  # noqa: E402
 from ckptmgr.coordinator import find  # noqa: E402
 from ckptmgr.keras import CheckpointCallback  # noqa: E402
 from ckptmgr.ray import checkpoint_ref, fit_on_ray, stop_coordinator  # noqa: E402
-from ckptmgr.ray.runners import WORKER_ENV, weights_digest  # noqa: E402
+from ckptmgr.ray.runners import weights_digest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -44,16 +44,9 @@ STEPS_PER_EPOCH = 8  # 256 samples, global batch 32
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    for _ in range(2):
-        c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    # Workers import this module (the model, the loop) by name: same machine, so a path works.
-    env = dict(WORKER_ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
-    ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=False)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    # Workers import this module (the model, the loop) by name.
+    with local_cluster({"worker0": {}, "worker1": {}}) as (c, _):
+        yield c
 
 
 # -- the user's code: a model and data this package knows nothing about --------------------
