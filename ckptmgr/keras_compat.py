@@ -116,6 +116,7 @@ __all__ = [
     "global_seed_generator_function",
     "keras_version",
     "object_sharing_scope",
+    "reading_store_class",
     "saving_lib",
     "tree",
     "variable_class",
@@ -190,6 +191,31 @@ def saving_lib():
     """``keras.src.saving.saving_lib`` (``_save_state``, ``_load_state``,
     ``H5IOStore``, ``DiskIOStore``)."""
     return _private("saving.saving_lib", *SAVING_LIB_NAMES)
+
+
+@functools.lru_cache(maxsize=None)
+def reading_store_class() -> type:
+    """A base for weights stores that Keras's ``_load_state`` reads from without
+    this store opening a file: ``ReadingStore(h5)`` over an already open
+    ``h5py.File``, or ``ReadingStore(None, entered=True)`` for a subclass that
+    serves its own groups. It sets every attribute of :data:`H5IOSTORE_ATTRIBUTES`
+    but the file's path, which only opening and closing use."""
+
+    class ReadingStore(saving_lib().H5IOStore):
+        def __init__(self, h5=None, *, entered: bool = False):  # noqa: D401 - nothing to open
+            self.h5_file, self.mode, self.archive, self.io_file = h5, "r", None, None
+            self._h5_entry_path = None
+            self._h5_entry_group = {}
+            self._h5_entry_metadata = None
+            self._h5_entry_initialized = entered
+
+        def __bool__(self) -> bool:  # Keras skips a falsy store; ours is never "empty"
+            return True
+
+        def close(self):
+            pass  # the file, if any, belongs to the caller
+
+    return ReadingStore
 
 
 def variable_class() -> type:

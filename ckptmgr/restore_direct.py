@@ -135,16 +135,12 @@ def _direct_store_class():
     saving_lib = keras_compat.saving_lib()
     checked_dataset = getattr(saving_lib, "safe_get_h5_dataset", None)
 
-    class DirectStore(saving_lib.H5IOStore):
+    class DirectStore(keras_compat.reading_store_class()):
         """Keras's H5 store over a verified in-memory archive, serving the
         directly read arrays (each once)."""
 
-        def __init__(self, verified: VerifiedArchive):  # noqa: D401 - the HDF5 is already open
-            self.h5_file, self.mode, self.archive, self.io_file = verified.h5, "r", None, None
-            self._h5_entry_path = None
-            self._h5_entry_group = {}
-            self._h5_entry_metadata = None
-            self._h5_entry_initialized = False
+        def __init__(self, verified: VerifiedArchive):
+            super().__init__(verified.h5)
             self._verified = verified
             self._adopt = False
 
@@ -161,9 +157,6 @@ def _direct_store_class():
                 if array is not None:
                     return adoptable(array) if self._adopt and _lendable(array) else array
             return super().__getitem__(key)
-
-        def close(self):
-            pass
 
     return DirectStore
 

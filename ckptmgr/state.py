@@ -306,21 +306,8 @@ def apply_weights(model, h5file) -> None:
     """Load weights and optimizer state from an open ``model.weights.h5``, and
     assets (vocabularies) from the archive it was opened from, if any (see
     ``archive.open_weights``)."""
-    saving_lib = keras_compat.saving_lib()
-
-    class _OpenStore(saving_lib.H5IOStore):
-        def __init__(self, h5):  # an already open h5py.File
-            self.h5_file, self.mode, self.archive, self.io_file = h5, "r", None, None
-            self._h5_entry_path = None
-            self._h5_entry_group = {}
-            self._h5_entry_metadata = None
-            self._h5_entry_initialized = False
-
-        def close(self):
-            pass
-
     with assets_store(getattr(h5file, "archive", None)) as assets:
-        _load_state(model, _OpenStore(h5file), assets)
+        _load_state(model, keras_compat.reading_store_class()(h5file), assets)
 
 
 def apply_snapshot_arrays(model, snapshot: ModelSnapshot) -> None:
@@ -330,19 +317,10 @@ def apply_snapshot_arrays(model, snapshot: ModelSnapshot) -> None:
     a snapshot with assets goes through its archive instead."""
     if snapshot.assets:
         raise ValueError("a snapshot with assets is applied through its archive")
-    saving_lib = keras_compat.saving_lib()
     groups = {group.path: dict(group.arrays) for group in snapshot.groups}
 
-    class _SnapshotStore(saving_lib.H5IOStore):
-        def __init__(self):  # no HDF5 file: the arrays are the snapshot's
-            self.h5_file, self.mode, self.archive, self.io_file = None, "r", None, None
-            self._h5_entry_path = None
-            self._h5_entry_group = {}
-            self._h5_entry_metadata = None
-            self._h5_entry_initialized = True
-
-        def __bool__(self) -> bool:  # Keras skips a falsy store; ours is never "empty"
-            return True
+    class _SnapshotStore(keras_compat.reading_store_class()):
+        """No HDF5 file: the arrays are the snapshot's."""
 
         def get(self, path):
             self._h5_entry_group = groups.get(f"{path}/vars" if path else "vars", {})
@@ -360,10 +338,7 @@ def apply_snapshot_arrays(model, snapshot: ModelSnapshot) -> None:
         def keys(self):
             return self._h5_entry_group.keys()
 
-        def close(self):
-            pass
-
-    _load_state(model, _SnapshotStore(), None)
+    _load_state(model, _SnapshotStore(None, entered=True), None)
 
 
 def _load_state(model, weights_store, assets) -> None:
