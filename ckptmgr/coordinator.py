@@ -46,7 +46,7 @@ from ckptmgr.ray.drain import DrainNotice, DrainWatch
 from ckptmgr.ray.keepers import MemoryTier
 from ckptmgr.ray.memory_coordinator import MemoryTierMixin
 from ckptmgr.ray.metrics import RayMetrics
-from ckptmgr.ray.watch import RunEvents
+from ckptmgr.ray.watch import RunEvents, log_to_stderr
 
 log = logging.getLogger("ckptmgr")
 
@@ -112,6 +112,7 @@ class Coordinator(MemoryTierMixin):
     """Ray actor body (threaded: waits and submissions run concurrently)."""
 
     def __init__(self, options: CoordinatorOptions):
+        log_to_stderr()  # its save lines, for --verbose
         self.options = options
         self.manager = CheckpointManager(
             options.directory,

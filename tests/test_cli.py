@@ -350,6 +350,9 @@ def test_run_then_resume_continues(job_config, tmp_path):
     result = cli("run", job_config, "--set", "checkpoint.directory=ck", "--set", "training.epochs=1", *SMALL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "started fresh" in result.stdout and "on Ray with 2 workers to step 4" in result.stdout
+    # Piped: one plain line per save and epoch on stderr (a terminal gets a bar too).
+    assert "ckptmgr: saved step 3 (" in result.stderr and "ckptmgr: saved step 4 (" in result.stderr
+    assert "ckptmgr: epoch 1/1 done: step 4/4, loss " in result.stderr
     directory = tmp_path / "ck"
     assert listed_steps(directory) == [3, 4]
 
@@ -363,6 +366,15 @@ def test_run_then_resume_continues(job_config, tmp_path):
     assert "resumed from step 4" in result.stdout and "trained in this process to step 8" in result.stdout
     assert listed_steps(directory) == [4, 6, 8]  # keep_last: 3 from the config
     assert cli("verify", directory).returncode == 0
+
+
+def test_verbose_run_streams_the_save_lines_without_tensorflow_noise(job_config, tmp_path):
+    result = cli("run", job_config, "--set", f"checkpoint.directory={tmp_path / 'ck'}",
+                 "--set", "training.epochs=1", *SMALL, "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert "(Coordinator pid=" in result.stderr and "saved step 3: " in result.stderr  # its own log line
+    for noise in ("oneDNN custom operations", "absl::InitializeLog"):
+        assert noise not in result.stderr  # TensorFlow's start-up lines, from every worker
 
 
 def test_prune_keep_best_on_a_metric_no_checkpoint_has_keeps_all_and_warns(copy_of):

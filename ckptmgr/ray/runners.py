@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ckptmgr.errors import ConfigError, JobStoppedError
-from ckptmgr.ray.watch import RunWatch
+from ckptmgr.ray.watch import RunWatch, log_to_stderr
 
 if TYPE_CHECKING:
     from ckptmgr.coordinator import CoordinatorOptions
@@ -118,7 +118,13 @@ class TrainWorker:
     """One rank (Ray actor body): runs a task under ``TF_CONFIG``."""
 
     def __init__(self, rank: int, world_size: int):
+        from ckptmgr.tf_noise import import_keras_quietly
+
         self.rank, self.world_size = rank, world_size
+        # Before a task's arguments (the user's functions) are unpickled: TensorFlow's
+        # start-up lines would reach the driver with --verbose (ray.worker_logs).
+        import_keras_quietly()
+        log_to_stderr()
 
     def address(self) -> str:
         """host:port for this rank's TensorFlow collective server."""

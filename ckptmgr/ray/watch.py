@@ -13,12 +13,26 @@ snapshots, every few steps, only on the bar). Both go to stderr, so ``--json`` k
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
 from typing import Any, TextIO
 
 _KEPT_EVENTS = 200  # a slow driver misses the oldest, never blocks the run
+
+
+def log_to_stderr() -> None:
+    """In a Ray worker or the coordinator: ckptmgr's INFO lines (restores, saves)
+    on this process's stderr, which Ray forwards to the driver when asked
+    (``ray.init(log_to_driver=True)``, ``ckptmgr run --verbose``). Python's
+    default shows only warnings. Leaves a logger the user configured alone."""
+    log = logging.getLogger("ckptmgr")
+    if not log.handlers and log.level == logging.NOTSET:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 class RunEvents:
