@@ -28,3 +28,24 @@ def missing_extra(exc: BaseException) -> str | None:
         return None
     what, install = entry
     return f"this needs {what}, which is not installed: {install}"
+
+
+# URL scheme -> the module its fsspec filesystem needs
+SCHEMES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs"}
+
+
+def missing_for_url(url: str) -> str | None:
+    """One line naming the extra a URL's filesystem needs, when its module is
+    not installed (fsspec then raises a plain ImportError); else None."""
+    import importlib
+
+    module = SCHEMES.get(url.split("://", 1)[0].lower()) if "://" in url else None
+    if module is None:
+        return None
+    try:
+        importlib.import_module(module)  # only on an error path: the cost does not matter
+        return None
+    except ImportError:
+        pass
+    what, install = EXTRAS[module]
+    return f"this needs {what}, which is not installed: {install}"

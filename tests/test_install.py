@@ -138,9 +138,11 @@ def test_core_install_runs_list_verify_prune_without_tensorflow(tmp_path, checkp
     after = run(bin_dir, "ckptmgr", "list", str(directory), "--json", cwd=tmp_path)
     assert [row["step"] for row in json.loads(after.stdout)] == [30]
 
-    # A gs:// URL without the [gcs] extra: one error line, no traceback.
-    gcs = run(bin_dir, "ckptmgr", "list", "gs://bucket/run", cwd=tmp_path)
-    assert gcs.returncode != 0 and "gcsfs" in gcs.stderr and "Traceback" not in gcs.stderr, gcs.stderr
+    # A gs:// or s3:// URL without its extra: one error line naming the extra, no traceback.
+    for url, extra in (("gs://bucket/run", "ckptmgr[gcs]"), ("s3://bucket/run", "ckptmgr[s3]")):
+        remote = run(bin_dir, "ckptmgr", "list", url, cwd=tmp_path)
+        assert remote.returncode != 0 and "Traceback" not in remote.stderr, remote.stderr
+        assert len(remote.stderr.strip().splitlines()) == 1 and extra in remote.stderr, remote.stderr
 
     # Commands that need an extra say which, in one line.
     shutil.copy2(REPO / "configs" / "local.yaml", tmp_path / "local.yaml")

@@ -36,6 +36,7 @@ import fsspec  # noqa: E402
 from fsspec.implementations.local import LocalFileSystem  # noqa: E402
 
 from ckptmgr import faults  # noqa: E402
+from ckptmgr.extras import missing_for_url  # noqa: E402
 from ckptmgr.errors import (  # noqa: E402
     ConfigError,
     CorruptCheckpointError,
@@ -67,6 +68,9 @@ class Storage(ParallelParts):
         try:
             fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)
         except (ValueError, ImportError, TypeError) as exc:
+            missing = missing_for_url(url) if isinstance(exc, ImportError) else None
+            if missing:
+                raise ConfigError(f"Cannot open {url!r}: {missing}") from None
             raise ConfigError(
                 f"Cannot open storage: Received: directory={url!r} "
                 f"({type(exc).__name__}: {exc}). Check the URL scheme and storage options."
