@@ -196,19 +196,21 @@ class _Terminal(io.StringIO):
 
 def test_the_watch_draws_a_progress_bar_on_a_terminal(cluster, tmp_path):
     coord = get_or_create(CoordinatorOptions(str(tmp_path / "run"), world_size=1))
-    ray.get(coord.note.remote("restored", {"step": 5, "tier": "memory"}))
-    ray.get(coord.note_progress.remote({"step": 40, "epoch": 2, "epochs": 2, "total_steps": 64, "loss": 0.5}))
+    ray.get(coord.note.remote("epoch", {"step": 16, "epoch": 1, "epochs": 2}))  # before the watch
     stream = _Terminal()
     with RunWatch(coord, stream) as watch:
+        ray.get(coord.note.remote("restored", {"step": 5, "tier": "memory"}))
+        ray.get(coord.note_progress.remote({"step": 40, "epoch": 2, "epochs": 2, "total_steps": 64, "loss": 0.5}))
         watch.tick()
     text = stream.getvalue()
     assert "ckptmgr: restored step 5 from memory" in text
     assert "40/64" in text and "epoch 2/2" in text and "loss 0.5" in text
     assert "\x1b[" in text  # drawn for a terminal, not plain lines
+    assert "epoch 1/2 done" not in text  # an earlier attempt's news is not shown again
     plain = io.StringIO()  # piped: no bar, only the events
     with RunWatch(coord, plain) as watch:
-        watch.tick()
-    assert plain.getvalue() == "ckptmgr: restored step 5 from memory\n"
+        ray.get(coord.note.remote("saved", {"step": 48, "bytes": 2_000_000, "write_s": 0.25}))
+    assert plain.getvalue() == "ckptmgr: saved step 48 (2.0 MB in 0.25 s)\n"
     ray.kill(coord)
 
 

@@ -20,6 +20,7 @@ import time
 from typing import Any, TextIO
 
 _KEPT_EVENTS = 200  # a slow driver misses the oldest, never blocks the run
+_NOW = 1 << 62  # a cursor past every event: "from now on"
 
 
 def log_to_stderr() -> None:
@@ -106,6 +107,7 @@ class RunWatch:
         self._task = None
 
     def __enter__(self) -> RunWatch:
+        self._cursor = self._fetch(_NOW)["cursor"]  # what an earlier attempt or run saw is not news
         if self.terminal:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -128,12 +130,7 @@ class RunWatch:
     def tick(self) -> None:
         """Fetch what happened since the last tick and show it (never raises:
         a slow or restarting coordinator must not stop the run)."""
-        import ray
-
-        try:
-            news = ray.get(self.coordinator.watch.remote(self._cursor), timeout=5)
-        except Exception:  # noqa: BLE001 - the run's own error handling reports a lost coordinator
-            return
+        news = self._fetch(self._cursor)
         self._cursor = news["cursor"]
         for event in news["events"]:
             if event["kind"] == "saved":
@@ -144,6 +141,14 @@ class RunWatch:
             self._line(describe(event))
         if news["progress"]:
             self._show(news["progress"])
+
+    def _fetch(self, cursor: int) -> dict[str, Any]:
+        import ray
+
+        try:
+            return ray.get(self.coordinator.watch.remote(cursor), timeout=5)
+        except Exception:  # noqa: BLE001 - the run's own error handling reports a lost coordinator
+            return {"events": [], "cursor": self._cursor, "progress": None}
 
     def _show(self, p: dict[str, Any]) -> None:
         if self._bar is None:
