@@ -206,7 +206,7 @@ def test_max_restarts_flag_sets_the_restart_budget_of_the_run(monkeypatch, tmp_p
 
     seen = {}
 
-    def fake_run_on_ray(cfg, *, resume):
+    def fake_run_on_ray(cfg, *, resume, **options):
         seen["max_restarts"] = cfg.ray.max_restarts
         raise ray_job.JobStoppedError("The job stopped: stop here (test).")
 
