@@ -128,6 +128,13 @@ class CoordinatorClient:
     def latest_step(self) -> int | None:
         return self._call("latest_step")
 
+    def restorable_step(self) -> int | None:
+        """The newest step of either tier: the memory tier may hold snapshots
+        newer than storage, or the only ones (a run lost before its first
+        persistent save)."""
+        plan = self._call("restore_plan")
+        return None if plan is None else plan["step"]
+
     def restore(self, model, step: int | None = None) -> Manifest:
         """Every rank restores the same step: the newest one that all ranks,
         each verifying a share of its chunks, agree is good (ranged reads in

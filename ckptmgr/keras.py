@@ -225,7 +225,7 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
             # continue, so nothing it commits afterwards is taken for this run's history.
             self.manager.claim()
             newest = self.manager.latest_step()
-        if self.restore_on_begin and newest is not None:
+        if self.restore_on_begin and self._restorable(newest) is not None:
             self._restore()
         self._settle_history(newest)
         self._started = True
@@ -237,6 +237,12 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
         if self.auto is not None:
             self._pending = None
             self.auto.start(self._global_step, self.restored_manifest)
+
+    def _restorable(self, newest: int | None) -> int | None:
+        """The newest step to continue from: on Ray, the memory tier counts too."""
+        if hasattr(self.manager, "restorable_step"):
+            return self.manager.restorable_step()
+        return newest
 
     def _restore(self) -> None:
         manifest = self.manager.restore(self.model)

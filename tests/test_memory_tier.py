@@ -163,6 +163,40 @@ def _drain(cluster_address: str, node_id: str, deadline_s: int) -> None:
                     "--deadline-remaining-seconds", str(deadline_s)], check=True, capture_output=True)
 
 
+def test_a_run_lost_before_its_first_persistent_save_resumes_from_memory(cluster, tmp_path):
+    """Only the memory tier holds the run (its node was lost before any save
+    reached storage): the callback continues from memory, not from scratch."""
+    from ckptmgr.distributed import CoordinatorClient
+    from ckptmgr.io.manifest import LoopState
+    from ckptmgr.keras import CheckpointCallback
+
+    directory = str(tmp_path / "run")
+    options = CoordinatorOptions(directory, world_size=1, memory_replicas=2)
+    get_or_create(options)
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+
+    def compiled():
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    trained = compiled()
+    trained.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 8 steps
+    client = CoordinatorClient(options, rank=0)
+    client.prepare(trained)
+    loop = LoopState(epoch=0, batch=8, next_epoch=1, next_batch=0)
+    assert client.save(8, trained, loop=loop, tier="memory").result()["memory"]
+    assert CheckpointManager(directory).latest_step() is None  # storage holds nothing
+
+    fresh = compiled()
+    callback = CheckpointCallback(directory, rank=0, world_size=1, save_freq=100, memory_every=4)
+    fresh.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
+    assert (callback.restored_step, callback.restored_tier) == (8, "memory")
+    assert int(fresh.optimizer.iterations.numpy()) == 16  # epoch 2 only: 8 restored + 8 trained
+    _kill_run(directory)
+
+
 def test_drained_node_emergency_to_memory_then_automatic_restart_is_exact(cluster, tmp_path):
     c, nodes = cluster
     long = ("training.epochs=30", "checkpoint.memory_tier.every_steps=4", "ray.max_restarts=1")
