@@ -134,7 +134,7 @@ class Coordinator(MemoryTierMixin):
         self._metrics = RayMetrics(options.directory)
         self._events = RunEvents()  # what the driver shows (ckptmgr.ray.watch)
         self._writer = SavePipeline(options.on_busy, name="ckptmgr-coordinator",  # type: ignore[arg-type]
-                                    on_drop=self._metrics.count)
+                                    on_drop=self._dropped)
         self._prune_lock = threading.Lock()
         self._emergency: int | None = None
         self._stop = threading.Event()
@@ -207,6 +207,12 @@ class Coordinator(MemoryTierMixin):
     def _failed(self, step: int, exc: BaseException) -> None:
         self._metrics.count("saves_failed")
         self._events.add("failed", step=step, error=one_line(exc, step))
+
+    def _dropped(self, kind: str, line: str) -> None:
+        """A save replaced or skipped because the writer was busy (with the
+        ``save_freq`` that would keep up): counted, and shown on the driver."""
+        self._metrics.count(kind)
+        self._events.add("dropped", text=line)
 
     def _committed(self, step: int, stats, **fields: Any) -> None:
         """A checkpoint is in storage: the metrics and the driver's watch hear of it."""

@@ -99,16 +99,17 @@ class SavePipeline:
             copy into; a set is never handed out while a queued or running
             job holds it.
         name: the writer thread's name.
-        on_drop: called with ``"replaced"`` or ``"skipped"`` for every dropped
-            save (the coordinator counts them as Ray metrics).
+        on_drop: called with ``"replaced"`` or ``"skipped"`` and the logged line
+            for every dropped save (the coordinator counts them as Ray metrics
+            and shows them on the driver).
     """
 
     def __init__(self, on_busy: BusyPolicy, *, buffer_sets: int = 1, name: str = "ckptmgr-writer",
-                 on_drop: Callable[[str], None] | None = None):
+                 on_drop: Callable[[str, str], None] | None = None):
         self.on_busy = check_policy(on_busy)
         self.buffer_sets = buffer_sets
         self._name = name
-        self._on_drop = on_drop or (lambda kind: None)
+        self._on_drop = on_drop or (lambda kind, line: None)
         self._cond = threading.Condition()
         self._running: _Job | None = None
         self._pending: list[_Job] = []
@@ -266,10 +267,11 @@ class SavePipeline:
             what = f"step {step} replaced by step {by} before it was written (on_busy='newest')"
         else:
             what = f"skipping the save of step {step} (on_busy='skip')"
-        log.warning("%s: %s", what, self._keep_up_hint(writing))
+        line = f"{what}: {self._keep_up_hint(writing)}"
+        log.warning("%s", line)
         if job is not None:
             job.future.set_result(job.replaced(by))
-        self._on_drop(kind)
+        self._on_drop(kind, line)
 
     def _keep_up_hint(self, writing: int | None) -> str:
         """The measured write time and the smallest save_freq that keeps up."""

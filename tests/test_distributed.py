@@ -505,6 +505,10 @@ def test_newest_complete_step_wins_and_every_rank_gets_the_same_outcome(cluster,
     assert [manager.manifest(s).stats.replaced for s in (1, 5, 6)] == [0, 3, 0]
     assert manager.manifest(5).extra == {"emergency": True}
     assert ray.get(coord.dropped_saves.remote()) == {"replaced": 3, "skipped": 0}
+    dropped = [describe(e) for e in ray.get(coord.watch.remote(0))["events"] if e["kind"] == "dropped"]
+    assert [line.split(" before")[0] for line in dropped] == [  # what the driver shows
+        "step 2 replaced by step 3", "step 3 replaced by step 4", "step 4 replaced by step 5"]
+    assert all("step 1 still writing" in line for line in dropped), dropped
     assert all(r.ok for r in manager.verify())
     ray.kill(coord)
 

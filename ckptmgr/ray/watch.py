@@ -1,8 +1,9 @@
 """A run you can watch: what the coordinator saw, shown on the driver.
 
 The coordinator keeps a short log of what happened to the run
-(:class:`RunEvents`: saves committed or failed, snapshots kept in memory,
-drain notices, the restore the ranks agreed on, epochs' ends) and rank 0's latest progress
+(:class:`RunEvents`: saves committed, failed, or replaced because the writer
+was busy, snapshots kept in memory, drain notices, the restore the ranks
+agreed on, epochs' ends) and rank 0's latest progress
 (step, epoch, loss), which rank 0 sends at most twice a second and at each
 epoch's end, fire and forget. The driver (``ckptmgr run``/``resume``) polls it while the ranks
 train (:class:`RunWatch`): on a terminal a progress bar (steps, loss, last
@@ -78,6 +79,8 @@ def describe(event: dict[str, Any]) -> str:
     if kind == "epoch":
         total = f"/{event['total_steps']}" if event.get("total_steps") else ""
         return ", ".join(x for x in (f"{_epoch(event)} done: step {step}{total}", _loss(event)) if x)
+    if kind == "dropped":
+        return event["text"]
     if kind == "drain":
         left = event.get("seconds_left")
         return (f"node {event['node'][:12]} is being drained "
