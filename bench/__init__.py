@@ -21,7 +21,7 @@ SECTIONS: dict[str, str] = {
     "S1": "Blocked time per checkpoint inside fit()",
     "S2": "Training slowdown",
     "S3": "Local disk throughput",
-    "S4": "gs:// throughput (fake-gcs-server, memory backend)",
+    "S4": "gs:// throughput (fake-gcs-server, filesystem backend)",
     "S5": "Peak RSS of the writer",
     "S6": "Scaling with Ray workers (replicated state)",
     "S7": "Profile: where ckptmgr spends its time",

@@ -1,4 +1,4 @@
-"""fake-gcs-server (memory backend) and moto S3 on 127.0.0.1, for the object-store benchmarks.
+"""fake-gcs-server (memory or filesystem backend) and moto S3 on 127.0.0.1, for the object-store benchmarks.
 
 The same server helper the tests use (``tests/servers.py``, which does not need
 pytest), so there is one way to start the emulator in this repo.
