@@ -106,21 +106,17 @@ def stop(directory: Optional[str] = typer.Argument(None, metavar="URL", show_def
     ray = _connect(address)
     targets = [r["directory"] for r in run_actors(ray)] if all_ else [directory.rstrip("/")]
     for target in targets:
-        out(stop_run(ray, target))
+        out(stop_run(target))
 
 
-def stop_run(ray, directory: str) -> str:
+def stop_run(directory: str) -> str:
     """Stop one run's actors; what was stopped, in one line."""
-    from ckptmgr.coordinator import find
+    from ckptmgr.coordinator import find, shut_down
     from ckptmgr.ray.keepers import MemoryTier
 
     actor = find(directory)
     if actor is not None:
-        try:
-            ray.get(actor.shutdown.remote(), timeout=300)  # a write in flight finishes first
-        except Exception:  # noqa: BLE001 - stop it anyway
-            pass
-        ray.kill(actor)
+        shut_down(actor, timeout_s=300)  # a write in flight finishes first
     keepers = MemoryTier(directory).stop()
     if actor is None and not keepers:
         raise CkptmgrError(f"No coordinator or keepers for {directory} on this cluster; "

@@ -453,8 +453,8 @@ def _copy_outcome(source: Future, target: Future) -> None:
 
 def get_or_create(options: CoordinatorOptions, node_id: str | None = None):
     """The run's coordinator actor, created on first use (also after a crash);
-    on ``node_id`` when given (e.g. a node that is not preemptible), else
-    preferably on the caller's node."""
+    on ``node_id`` when given (e.g. a node that is not preemptible), else on
+    the caller's node."""
     import ray
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -462,18 +462,31 @@ def get_or_create(options: CoordinatorOptions, node_id: str | None = None):
     # Each rank may block a thread in wait_step and another in range_for.
     concurrency = max(32, 4 * options.world_size + 8)
     actor_cls = ray.remote(num_cpus=0, max_concurrency=concurrency, max_restarts=0)(Coordinator)
-    # Prefer the creator's node (the driver, on the head: not a spot worker
-    # whose loss would take the emergency checkpoint with it); soft, so a lost
-    # head node does not block a new coordinator elsewhere.
+    # On the creator's node (the driver, on the head: not a spot worker whose
+    # loss would take the coordinator and the emergency checkpoint with it).
+    # Hard affinity: Ray 2.60 placed 3 of 4 actors with a *soft* affinity to an
+    # alive node with room on other nodes; the creator's own node is alive.
     here = node_id or ray.get_runtime_context().get_node_id()
     return actor_cls.options(
         name=coordinator_name(options.directory),
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=node_id is None),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         runtime_env={"env_vars": {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}},
     ).remote(options)
+
+
+def shut_down(coordinator, timeout_s: float | None = None) -> None:
+    """Stop a coordinator once its write in flight is done, then kill it; one
+    lost with its node (or stuck past ``timeout_s``) is only killed."""
+    import ray
+
+    try:
+        ray.get(coordinator.shutdown.remote(), timeout=timeout_s)
+    except ray.exceptions.RayError:
+        pass
+    ray.kill(coordinator)
 
 
 def find(directory: str):

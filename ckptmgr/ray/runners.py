@@ -229,7 +229,7 @@ def coordinator_for(options: CoordinatorOptions) -> Any:
     (another world size or retention): it is detached and outlives a job."""
     import ray
 
-    from ckptmgr.coordinator import find, get_or_create
+    from ckptmgr.coordinator import find, get_or_create, shut_down
 
     existing = find(options.directory)
     if existing is not None:
@@ -237,12 +237,11 @@ def coordinator_for(options: CoordinatorOptions) -> Any:
             current = ray.get(existing.options_.remote())
         except ray.exceptions.RayActorError:  # died with its node: a new one carries on
             log.warning("the coordinator of %s died (lost node); starting a new one", options.directory)
-            ray.kill(existing)
-            current = options
+            current = None
         if current != options:
-            log.info("restarting the coordinator of %s with the new options", options.directory)
-            ray.get(existing.shutdown.remote())  # finishes a write in flight
-            ray.kill(existing)
+            if current is not None:
+                log.info("restarting the coordinator of %s with the new options", options.directory)
+            shut_down(existing)
     return get_or_create(options)
 
 
@@ -290,19 +289,13 @@ def stop_coordinator(directory: str | os.PathLike) -> bool:
     """Stop the run's coordinator (after its write in flight) and its
     memory-tier keepers, as ``ckptmgr coordinators stop`` does; False if
     neither was running."""
-    import ray
-
-    from ckptmgr.coordinator import find
+    from ckptmgr.coordinator import find, shut_down
     from ckptmgr.ray.keepers import MemoryTier
 
     directory = os.fspath(directory)
     existing = find(directory)
     if existing is not None:
-        try:
-            ray.get(existing.shutdown.remote())
-        except ray.exceptions.RayActorError:
-            pass  # already gone with its node
-        ray.kill(existing)
+        shut_down(existing)
     return MemoryTier(directory).stop() > 0 or existing is not None
 
 
