@@ -21,6 +21,7 @@ in host memory.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from datetime import timedelta
@@ -208,6 +209,7 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
         self._skip: tuple[int, int] | None = None  # (epoch, batches to skip)
         self._emergency_target: int | None = None
         self._deferred_save = False  # a batch save on an epoch's last batch, for on_epoch_end
+        self._tell_progress = None  # set at train begin (rank 0 on Ray)
 
     # -- begin: restore -------------------------------------------------------
     def on_train_begin(self, logs=None):
@@ -229,6 +231,7 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
             self._restore()
         self._settle_history(newest)
         self._started = True
+        self._tell_progress = self._progress_sink()
         if hasattr(self.manager, "prepare"):
             # What fit() builds at its first step (Adam's slots), then the plan and
             # host buffers: the first save then blocks no longer than later ones.
@@ -339,14 +342,19 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
         steps = (self.params or {}).get("steps")
         return bool(steps) and self._batch >= steps
 
+    def _progress_sink(self):
+        """Where rank 0 on Ray sends its step and loss (the driver's watch,
+        ``ckptmgr run``), looked up once per fit(); None elsewhere."""
+        if getattr(self.manager, "rank", None) != 0 or not hasattr(self.manager, "note_progress"):
+            return None
+        params = self.params or {}
+        epochs, steps = params.get("epochs"), params.get("steps")
+        return functools.partial(self.manager.note_progress, epochs=epochs,
+                                 total_steps=steps * epochs if steps and epochs else None)
+
     def _note_progress(self, logs, epoch_end: bool = False) -> None:
-        """On Ray, rank 0's step and loss for the driver's watch (``ckptmgr run``)."""
-        if hasattr(self.manager, "note_progress"):
-            params = self.params or {}
-            epochs, steps = params.get("epochs"), params.get("steps")
-            self.manager.note_progress(self._global_step, logs, epoch=self._epoch + 1, epochs=epochs,
-                                       total_steps=steps * epochs if steps and epochs else None,
-                                       epoch_end=epoch_end)
+        if self._tell_progress is not None:
+            self._tell_progress(self._global_step, logs, epoch=self._epoch + 1, epoch_end=epoch_end)
 
     def on_epoch_end(self, epoch, logs=None):
         self._note_progress(logs, epoch_end=True)
