@@ -23,10 +23,12 @@ def missing_extra(exc: BaseException) -> str | None:
     find, or None when it is not one an extra provides."""
     if not isinstance(exc, ModuleNotFoundError) or not exc.name:
         return None
-    entry = EXTRAS.get(exc.name.split(".")[0])
-    if entry is None:
-        return None
-    what, install = entry
+    module = exc.name.split(".")[0]
+    return _needs(module) if module in EXTRAS else None
+
+
+def _needs(module: str) -> str:
+    what, install = EXTRAS[module]
     return f"this needs {what}, which is not installed: {install}"
 
 
@@ -44,8 +46,6 @@ def missing_for_url(url: str) -> str | None:
         return None
     try:
         importlib.import_module(module)  # only on an error path: the cost does not matter
-        return None
     except ImportError:
-        pass
-    what, install = EXTRAS[module]
-    return f"this needs {what}, which is not installed: {install}"
+        return _needs(module)
+    return None
