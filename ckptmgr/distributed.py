@@ -70,6 +70,7 @@ class CoordinatorClient:
         self._emergency_ref = None
         self._resumed_from: int | None = None
         self.restored_tier: str | None = None  # "memory" or "storage" after a restore
+        self.restored_node: str | None = None  # the node of the memory copy read
         self._node: str | None = None  # this rank's Ray node (set at prepare)
         self._deadline_ms: int | None = None  # of a drain notice (Unix ms)
         self._handle = None
@@ -164,7 +165,7 @@ class CoordinatorClient:
                         "verified", rejected[0], chosen)
         manifest = self._reader.restore(model, chosen, verified=True)
         self._resumed_from = chosen
-        self.restored_tier = "storage"
+        self.restored_tier, self.restored_node = "storage", None
         if self.rank == 0:
             log.info("restored step %d from storage", chosen)
             self._tell("note", "restored", {"step": chosen, "tier": "storage"})
@@ -173,21 +174,23 @@ class CoordinatorClient:
     def _restore_from_memory(self, model) -> Manifest | None:
         """The newest memory copy every rank verified, applied; None when the
         newest good snapshot is in storage (or none is)."""
-        from ckptmgr.ray.memory_restore import apply_snapshot, fetch_and_check
+        from ckptmgr.ray.memory_restore import apply_snapshot, fetch_and_check, nearest_copy
 
         while True:
             plan = self._call("restore_plan")
             if plan is None or plan["tier"] != "memory":
                 return None
-            snapshot, problem = fetch_and_check(plan, self.options.save_timeout_s)
+            copy = nearest_copy(plan)
+            snapshot, problem = fetch_and_check(plan, self.options.save_timeout_s, keeper=copy["keeper"])
             verdict = self._call("memory_vote", plan["step"], plan["keeper"], self.rank, problem,
-                                 self.options.save_timeout_s)
+                                 self.options.save_timeout_s, copy["keeper"])
             if verdict is None:
                 break
-        manifest = apply_snapshot(model, snapshot, plan)
+        manifest = apply_snapshot(model, snapshot, dict(plan, node=copy["node"]))
         self._resumed_from, self.restored_tier = plan["step"], "memory"
+        self.restored_node = copy["node"]
         if self.rank == 0:
-            log.info("restored step %d from memory on node %s", plan["step"], plan["node"][:12])
+            log.info("restored step %d from memory on node %s", plan["step"], copy["node"][:12])
             self._tell("note", "restored", {"step": plan["step"], "tier": "memory"})
         return manifest
 

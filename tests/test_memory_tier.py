@@ -30,7 +30,7 @@ from ckptmgr.coordinator import CoordinatorOptions, find, get_or_create  # noqa:
 from ckptmgr.io.snapshot import ModelSnapshot, VarGroup  # noqa: E402
 from ckptmgr.ray.drain import draining_nodes  # noqa: E402
 from ckptmgr.ray.keepers import MemoryTier  # noqa: E402
-from ckptmgr.ray.memory_restore import fetch_and_check  # noqa: E402
+from ckptmgr.ray.memory_restore import fetch_and_check, nearest_copy  # noqa: E402
 from ckptmgr.ray_job import run_on_ray  # noqa: E402
 from ckptmgr.replicas import snapshot_digest  # noqa: E402
 
@@ -87,6 +87,16 @@ def test_draining_nodes_is_readable_on_this_ray(cluster):
     except Exception as exc:  # noqa: BLE001
         pytest.fail(f"ray._private.state.state.get_draining_nodes() broke on Ray {ray.__version__}: {exc!r}")
     assert isinstance(table, dict), f"Ray {ray.__version__}: draining table is {type(table)}"
+
+
+def test_the_coordinator_sits_on_its_creators_node(cluster, tmp_path):
+    """The driver's node (the head), not a spot worker whose loss would take
+    the coordinator with it: a soft affinity put most on other nodes."""
+    here = ray.get_runtime_context().get_node_id()
+    for i in range(4):
+        coord = get_or_create(CoordinatorOptions(str(tmp_path / f"run{i}"), world_size=1))
+        assert ray.get(coord.node_id.remote()) == here, f"coordinator {i} placed elsewhere"
+        _kill_run(str(tmp_path / f"run{i}"))
 
 
 def test_copies_live_on_two_nodes_other_than_the_producer(cluster, tmp_path):
@@ -152,6 +162,49 @@ def test_damaged_copy_is_skipped_then_storage_when_keepers_are_gone(cluster, tmp
     assert ray.get(coord.restore_plan.remote())["tier"] == "memory"
     assert MemoryTier(directory).stop() == 2
     assert ray.get(coord.restore_plan.remote()) == {"tier": "storage", "step": 50}
+    _kill_run(directory)
+
+
+def _read_nearest_on(node_id: str, plan: dict) -> tuple[dict, str | None]:
+    """What a rank on ``node_id`` reads of ``plan``: (the copy, its problem)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def read(plan):
+        copy = nearest_copy(plan)
+        return copy, fetch_and_check(plan, 30, keeper=copy["keeper"])[1]
+
+    strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return ray.get(read.options(scheduling_strategy=strategy).remote(plan), timeout=60)
+
+
+def test_a_rank_reads_the_copy_on_its_own_node_and_a_damaged_one_is_passed_over(cluster, tmp_path):
+    """A rank on a node holding a copy reads that one (from its own object
+    store, no transfer); a rank elsewhere reads the named copy. A damaged
+    local copy is voted out alone: the same step is then read from the other."""
+    c, nodes = cluster
+    directory = str(tmp_path / "run")
+    coord = get_or_create(CoordinatorOptions(directory, world_size=1, memory_replicas=2))
+    producer = _node_id(nodes["spare"])
+    holders = _keep(coord, 80, _snapshot(8.0), node=producer)["nodes"]
+    plan = ray.get(coord.restore_plan.remote())
+    assert plan["step"] == 80 and sorted(c["node"] for c in plan["copies"]) == sorted(holders)
+    for node in holders:
+        copy, problem = _read_nearest_on(node, plan)
+        assert copy["node"] == node and problem is None
+    copy, problem = _read_nearest_on(producer, plan)  # holds no copy
+    assert copy == {"keeper": plan["keeper"], "node": plan["node"]} and problem is None
+
+    other = next(c for c in plan["copies"] if c["keeper"] != plan["keeper"])
+    ray.get(MemoryTier(directory).keepers()[other["keeper"]].damage.remote(80))
+    copy, problem = _read_nearest_on(other["node"], plan)
+    assert copy == other and "damaged" in problem
+    assert ray.get(coord.memory_vote.remote(80, plan["keeper"], 0, problem, 30, other["keeper"])) is not None
+    again = ray.get(coord.restore_plan.remote())
+    assert again["step"] == 80 and again["copies"] == [{"keeper": plan["keeper"], "node": plan["node"]}]
+    copy, problem = _read_nearest_on(other["node"], again)
+    assert copy["keeper"] == plan["keeper"] and problem is None
+    assert ray.get(coord.memory_vote.remote(80, plan["keeper"], 0, None, 30, plan["keeper"])) is None
     _kill_run(directory)
 
 

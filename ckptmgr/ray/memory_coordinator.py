@@ -118,28 +118,33 @@ class MemoryTierMixin:
     def restore_plan(self) -> dict[str, Any] | None:
         """The newest snapshot worth trying, of either tier; None when none is.
 
-        ``{"tier": "memory", "step", "keeper", "node", "meta"}`` or
-        ``{"tier": "storage", "step"}``.
+        ``{"tier": "memory", "step", "keeper", "node", "meta", "copies"}`` or
+        ``{"tier": "storage", "step"}``; ``copies`` are every good copy of the
+        step (``{"keeper", "node"}``, the named one first): a rank reads the
+        one on its own node when there is one (no transfer).
         """
         stored = self.restore_step()
-        for copy in self._tier.copies() if self._tier is not None else []:
-            if (copy.step, copy.keeper) in self._bad_memory:
-                continue
-            if stored is not None and copy.step < stored:
-                break
-            return {"tier": "memory", "step": copy.step, "keeper": copy.keeper,
-                    "node": copy.node, "meta": copy.meta}
+        good = [c for c in (self._tier.copies() if self._tier is not None else [])
+                if (c.step, c.keeper) not in self._bad_memory]
+        if good and (stored is None or good[0].step >= stored):
+            newest = good[0]
+            return {"tier": "memory", "step": newest.step, "keeper": newest.keeper, "node": newest.node,
+                    "meta": newest.meta, "copies": [{"keeper": c.keeper, "node": c.node}
+                                                    for c in good if c.step == newest.step]}
         return None if stored is None else {"tier": "storage", "step": stored}
 
     def memory_vote(self, step: int, keeper: str, rank: int, problem: str | None,
-                    timeout_s: float) -> str | None:
-        """Like ``restore_vote``, for one keeper's copy of ``step``."""
-        verdict = self._votes.vote(("memory", step, keeper), rank, problem, timeout_s)
-        if verdict is not None and (step, keeper) not in self._bad_memory:
-            self._bad_memory.add((step, keeper))
-            log.warning("memory copy of step %d on %s: %s; trying the next copy", step,
-                        keeper.rsplit("@", 1)[-1][:12], verdict)
-        return verdict
+                    timeout_s: float, read: str | None = None) -> str | None:
+        """Like ``restore_vote``, for the copies of ``step`` the ranks read
+        (the round is named by the plan's ``keeper``; a rank read ``read``, its
+        own node's copy, or ``keeper``). A copy a rank found damaged or
+        unreadable is never offered again; the others stay."""
+        read = read or keeper
+        if problem is not None and (step, read) not in self._bad_memory:
+            self._bad_memory.add((step, read))  # before the round ends: every rank's retry sees it
+            log.warning("memory copy of step %d on %s: rank %d: %s; trying the next copy", step,
+                        read.rsplit("@", 1)[-1][:12], rank, problem)
+        return self._votes.vote(("memory", step, keeper), rank, problem, timeout_s)
 
     def forget_memory_after(self, step: int | None) -> None:
         """Drop memory copies newer than ``step`` (a run continuing from ``step``)."""

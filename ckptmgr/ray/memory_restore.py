@@ -24,8 +24,21 @@ log = logging.getLogger("ckptmgr")
 MEMORY_ATTEMPT = "memory"  # the attempt id a memory restore's manifest names
 
 
-def fetch_and_check(plan: dict[str, Any], timeout_s: float) -> tuple[Any, str | None]:
-    """(snapshot or None, problem or None) of the keeper's copy ``plan`` names."""
+def nearest_copy(plan: dict[str, Any]) -> dict[str, str]:
+    """``{"keeper", "node"}`` of the copy to read: the one on this process's
+    node when the plan lists one (read from the local object store, no
+    transfer between nodes), else the one the plan names."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    named = {"keeper": plan["keeper"], "node": plan["node"]}
+    return next((c for c in plan.get("copies", ()) if c["node"] == here), named)
+
+
+def fetch_and_check(plan: dict[str, Any], timeout_s: float,
+                    keeper: str | None = None) -> tuple[Any, str | None]:
+    """(snapshot or None, problem or None) of ``keeper``'s copy of the plan's
+    step (the keeper the plan names by default)."""
     import ray
 
     from ckptmgr.ray.keepers import NAMESPACE
@@ -33,8 +46,8 @@ def fetch_and_check(plan: dict[str, Any], timeout_s: float) -> tuple[Any, str | 
 
     step = plan["step"]
     try:
-        keeper = ray.get_actor(plan["keeper"], namespace=NAMESPACE)
-        refs = ray.get(keeper.fetch.remote(step), timeout=timeout_s)
+        actor = ray.get_actor(keeper or plan["keeper"], namespace=NAMESPACE)
+        refs = ray.get(actor.fetch.remote(step), timeout=timeout_s)
         snapshot = ray.get(refs[0], timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - a lost keeper or node: another copy, or storage
         return None, f"memory copy of step {step} unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
