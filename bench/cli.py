@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from bench import SECTIONS
-from bench.common import code_state, free_keras, machine_info, parse_count
+from bench.common import code_state, free_keras, machine_info, parse_count, release_heap
 from bench.context import Context, Settings
 from bench.report import Report
 
@@ -69,6 +69,9 @@ def _run(ctx: Context, section: str, name: str, fn, *args) -> bool:
         ctx.report.error(section, name, exc, traceback.format_exc())
         ctx.log(f"{section} {name} FAILED: {type(exc).__name__}: {exc}")
         return False
+    finally:
+        release_heap()
+        ctx.log(f"{section} {name}: done, bench process RSS {_rss_bytes() / 1e9:.2f} GB")
 
 
 def main(argv=None) -> int:
@@ -138,11 +141,13 @@ def _sections(ctx: Context) -> None:
         else:
             from bench import tiers
 
+            ctx.block = None  # S10 needs the memory: three nodes' object stores
             _run(ctx, "S10", "recovery by tier", tiers.recovery_by_tier)
     # Free the driver's model before Ray workers build their own copies.
     ctx.model = None
     ctx.block = None
     free_keras()
+    ctx.log(f"driver RSS {_rss_bytes() / 1e9:.2f} GB after freeing the model")
     from bench import parallel_write
 
     _run(ctx, "S9", "replica-parallel writes", parallel_write.ranged_writes)
@@ -185,5 +190,12 @@ def _finish_header(ctx: Context) -> None:
         ctx.report.skipped(sec, SECTIONS[sec], "no result recorded")
 
 
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+

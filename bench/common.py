@@ -70,15 +70,28 @@ def make_data(spec: ModelSpec, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def free_keras() -> None:
-    import gc
-
+    """Drop Keras's graph state and give freed heap pages back to the system:
+    the Ray sections' workers need the memory the driver's model held."""
     try:
         import keras
 
         keras.backend.clear_session()
     except Exception:  # noqa: BLE001
         pass
+    release_heap()
+
+
+def release_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc
+    keeps freed arenas otherwise): the sections after need the memory."""
+    import ctypes
+    import gc
+
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # -- timing inside fit() ----------------------------------------------------------------
