@@ -76,3 +76,22 @@ class UnsafeCheckpointError(CkptmgrError, ValueError):
 class JobStoppedError(CkptmgrError, RuntimeError):
     """A worker died mid-run (node lost, preempted); resume to continue.
     The CLI exits with 75 (EX_TEMPFAIL) for it, never 0."""
+
+
+# What a restart cannot mend: a run a rank stopped with one of these is not
+# restarted and the CLI exits 1, not 75, so no supervisor starts it again (a
+# fenced job restarted would fence the newer launch back: two jobs taking turns).
+NOT_RESTARTABLE = (WriterFencedError, ConfigError, IncompatibleCheckpointError, UnknownCustomObjectError,
+                   UnsafeCheckpointError, UnsupportedModelError)
+
+
+def not_restartable(exc: BaseException) -> CkptmgrError | None:
+    """The error a rank raised, through Ray's wrappers (``RayTaskError.cause``:
+    a rank's error may wrap the coordinator's), as itself with its one-line
+    message, when it is one a restart cannot mend; else None."""
+    while getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    if not isinstance(exc, NOT_RESTARTABLE):
+        return None
+    text = str(exc).strip().splitlines()
+    return type(exc)(text[0] if text else type(exc).__name__)

@@ -330,8 +330,9 @@ def chunk_problem(entry: FileEntry, index: int, got: str) -> str:
 
 
 def one_line(exc: Exception, step: int) -> str:
+    """The error's first line, naming ``step`` unless it already does."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if text.startswith("step ") else f"step {step}: {text}"
+    return text if re.search(rf"\bstep {step}\b", text) else f"step {step}: {text}"
 
 
 def _check_downloaded_members(path: str, manifest: Manifest) -> None:

@@ -589,9 +589,9 @@ def test_ranks_write_byte_ranges_of_one_archive(cluster, tmp_path, where, reques
 def test_gpus_the_cluster_lacks_fail_in_one_line_instead_of_waiting(cluster, tmp_path, monkeypatch):
     """Issue 12: a config asking for GPUs on a CPU-only cluster hung silently."""
     from ckptmgr.errors import ConfigError
-    from ckptmgr.ray import runners
+    from ckptmgr.ray import placement
 
-    monkeypatch.setattr(runners, "RESOURCE_WAIT_S", 1.0)  # what an autoscaler gets to add nodes
+    monkeypatch.setattr(placement, "RESOURCE_WAIT_S", 1.0)  # what an autoscaler gets to add nodes
     cfg = _cfg(str(tmp_path / "run"), "ray.use_gpu=true")
     with pytest.raises(ConfigError, match=r"workers need 2 GPU \(the cluster has 0\); add nodes") as error:
         run_on_ray(cfg, resume=False, worker_resources=PLACEMENT)

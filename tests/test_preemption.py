@@ -137,6 +137,21 @@ def test_a_lost_node_is_status_75_not_1(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "error: The job stopped: worker rank 1 failed (ActorDiedError: node lost)."
 
 
+def test_a_run_fenced_by_a_newer_launch_is_status_1_not_75(monkeypatch, capsys):
+    """75 tells a supervisor to start the job again: a fenced one restarted
+    would fence the newer launch back."""
+    from ckptmgr import cli, cli_run
+    from ckptmgr.errors import WriterFencedError
+
+    def fenced(*args, **kwargs):
+        raise WriterFencedError("Not saving step 8: ./checkpoints was taken over by lease 2; "
+                                "this writer (1, vm:1) is fenced and stops.")
+
+    monkeypatch.setattr(cli_run, "run_job", fenced)
+    assert cli.main(["run", "configs/local.yaml"]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: Not saving step 8: ./checkpoints was taken over")
+
+
 def test_a_null_ray_address_starts_a_local_cluster_never_a_stale_one(monkeypatch):
     """ray.init() with no address joins the cluster /tmp/ray/ray_current_cluster
     names; a stale file (a cluster killed earlier) made `ckptmgr run` wait

@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,28 @@ class CrashOnce(keras.callbacks.Callback):
         if self.seen == self.step and tf_config["task"]["index"] == self.rank and not os.path.exists(self.marker):
             Path(self.marker).write_text("crashed")
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TakeOverAt(keras.callbacks.Callback):
+    """On rank 0 after batch ``step``: another launch claims the directory
+    (its writer lease), as a second ``ckptmgr run`` on it would; writes the
+    lease number it got to ``out``."""
+
+    def __init__(self, step: int, directory: str, out: str):
+        super().__init__()
+        self.step, self.directory, self.out = step, directory, out
+        self.seen = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+        if self.seen == self.step and tf_config["task"]["index"] == 0:
+            other = CheckpointManager(self.directory)
+            deadline = time.monotonic() + 60
+            while not other.steps() and time.monotonic() < deadline:  # the earlier save lands first
+                time.sleep(0.05)
+            other.claim()
+            Path(self.out).write_text(str(other.lease.held.token))
 
 
 def train_loop(config: dict) -> None:
@@ -195,6 +218,30 @@ def test_fit_on_ray_commits_and_a_restart_resumes_exactly(cluster, tmp_path):
     assert result.weights_sha256 == reference.weights_sha256
     for got, want in zip(result.weights, reference.weights, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_a_run_fenced_by_a_newer_launch_stops_in_one_line_and_is_not_restarted(cluster, tmp_path):
+    """A second launch on the same directory fenced the first, which then
+    printed tracebacks, was reported as a lost rank (exit 75: "resume to
+    continue") and, with restarts allowed, would start again and fence the
+    newer launch back."""
+    from ckptmgr.errors import WriterFencedError
+
+    directory, claimed = str(tmp_path / "run"), tmp_path / "claimed"
+    takeover = TakeOverAt(step=6, directory=directory, out=str(claimed))
+    with pytest.raises(WriterFencedError) as error:
+        fit_on_ray(build_functional, make_data, num_workers=2, checkpoint=directory, max_restarts=2,
+                   checkpoint_options={"save_freq": 4}, fit_kwargs={"epochs": 2, "callbacks": [takeover]})
+    assert type(error.value) is WriterFencedError  # the rank's own error, not Ray's wrapper
+    message = str(error.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert "Not saving step 8" in message and "is fenced and stops" in message
+    token = int(claimed.read_text())
+    # Nobody claimed the directory after the takeover: no restart fenced it back.
+    assert CheckpointManager(directory).lease.current().token == token
+    assert CheckpointManager(directory).steps() == [4]
+    stop_coordinator(directory)
 
 
 # -- the README's examples ----------------------------------------------------------------------

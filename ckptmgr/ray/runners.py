@@ -32,7 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ckptmgr.errors import ConfigError, JobStoppedError
+from ckptmgr.errors import ConfigError, JobStoppedError, not_restartable
+from ckptmgr.ray.placement import WORKER_ENV, Placement, check_resources
 from ckptmgr.ray.watch import RunWatch, log_to_stderr
 
 if TYPE_CHECKING:
@@ -40,11 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ckptmgr")
 
-WORKER_ENV = {
-    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-    "TF_CPP_MIN_LOG_LEVEL": "3",
-    "PYTHONUNBUFFERED": "1",
-}
 FIT_ON_RAY_HINT = ("Call fit_on_ray again with the same checkpoint directory to continue from the "
                    "newest checkpoint, or pass max_restarts=N to restart by itself.")
 
@@ -79,38 +75,6 @@ class FitJob:
     fit_kwargs: Mapping[str, Any] = field(default_factory=dict)
     seed: int | None = None
     setup: Callable[[], None] | None = None  # before seeding and building (user code imports)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where and with what the ranks run."""
-
-    num_workers: int
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    resources: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None  # per rank, or all
-
-    def needs(self) -> dict[str, float]:
-        """What all ranks together ask of the cluster: {resource: amount}."""
-        total: dict[str, float] = {"CPU": self.cpus_per_worker * self.num_workers}
-        if self.use_gpu:
-            total["GPU"] = float(self.num_workers)
-        for rank in range(self.num_workers):
-            for name, amount in self.actor_options(rank).get("resources", {}).items():
-                total[name] = total.get(name, 0.0) + amount
-        return total
-
-    def actor_options(self, rank: int) -> dict[str, Any]:
-        options: dict[str, Any] = {
-            "num_cpus": self.cpus_per_worker,
-            "num_gpus": 1 if self.use_gpu else 0,
-            "runtime_env": {"env_vars": WORKER_ENV},
-        }
-        if isinstance(self.resources, Mapping):
-            options["resources"] = dict(self.resources)
-        elif self.resources:
-            options["resources"] = dict(self.resources[rank])
-        return options
 
 
 # -- worker side ----------------------------------------------------------------
@@ -320,44 +284,19 @@ def run_ranks(task: Task, placement: Placement, *, hint: str,
     worker_cls = ray.remote(max_restarts=0)(TrainWorker)
     n = placement.num_workers
     workers = [worker_cls.options(**placement.actor_options(rank)).remote(rank, n) for rank in range(n)]
+    runs: list = []
     try:
         cluster = ray.get([w.address.remote() for w in workers])
-        return _wait_all([w.run.remote(task, cluster) for w in workers], hint, on_tick)
+        runs = [w.run.remote(task, cluster) for w in workers]
+        outcomes = _wait_all(runs, hint, on_tick)
+        runs = []  # every outcome read
+        return outcomes
     finally:
         for w in workers:
             ray.kill(w)
-
-
-RESOURCE_WAIT_S = 30.0  # how long missing resources may take to appear (an autoscaler adding nodes)
-
-
-def check_resources(placement: Placement, wait_s: float | None = None) -> None:
-    """Fail in one line when the cluster lacks what the ranks ask for (GPUs a
-    CPU-only cluster does not have), after giving an autoscaler ``wait_s`` to
-    add nodes, instead of waiting silently for ever."""
-    import time
-
-    import ray
-
-    wait_s = RESOURCE_WAIT_S if wait_s is None else wait_s
-    needed = placement.needs()
-    deadline = time.monotonic() + wait_s
-    said = False
-    while True:
-        have = ray.cluster_resources()
-        missing = {k: (v, have.get(k, 0.0)) for k, v in needed.items() if have.get(k, 0.0) < v}
-        if not missing:
-            return
-        text = ", ".join(f"{need:g} {name} (the cluster has {got:g})" for name, (need, got) in sorted(missing.items()))
-        if time.monotonic() >= deadline:
-            raise ConfigError(
-                f"The job's {placement.num_workers} workers need {text}; add nodes that have them "
-                "(or an autoscaler that does), or ask for less (ray.use_gpu, ray.cpus_per_worker, "
-                "ray.num_workers).")
-        if not said:
-            log.warning("waiting up to %.0f s for %s", wait_s, text)
-            said = True
-        time.sleep(1.0)
+        for run in runs:  # a failed run's outcomes read: Ray prints none as an "unhandled error"
+            with contextlib.suppress(Exception):
+                ray.get(run, timeout=10)
 
 
 def _wait_all(refs: list, hint: str, on_tick: Callable[[], None] | None = None) -> list[dict[str, Any]]:
@@ -374,6 +313,9 @@ def _wait_all(refs: list, hint: str, on_tick: Callable[[], None] | None = None) 
             ray.get(done[0])
         except ray.exceptions.RayError as exc:
             rank = refs.index(done[0])
+            final = not_restartable(exc)
+            if final is not None:  # one line from the CLI; no traceback, no restart
+                raise final from None
             log.error("worker rank %d failed:\n%s", rank, exc)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise JobStoppedError(
