@@ -45,6 +45,7 @@ log = logging.getLogger("ckptmgr")
 POLL_INTERVAL_S = 0.2  # how often workers ask the coordinator for an emergency step
 EMERGENCY_LEAD_S = 1.0  # how far ahead (in training time) the emergency step is set
 PROGRESS_INTERVAL_S = 0.5  # how often rank 0 tells the coordinator its step and loss
+PLAN_REUSE_S = 10.0  # a restore plan this fresh is not fetched again (train begin)
 
 
 class CoordinatorClient:
@@ -69,6 +70,7 @@ class CoordinatorClient:
         self._outcomes: list[Future] = []  # of saves not yet waited for, oldest first
         self._emergency_ref = None
         self._resumed_from: int | None = None
+        self._fetched_plan: tuple[float, dict | None] | None = None  # (when, restore plan) of restorable_step
         self.restored_tier: str | None = None  # "memory" or "storage" after a restore
         self.restored_node: str | None = None  # the node of the memory copy read
         self._node: str | None = None  # this rank's Ray node (set at prepare)
@@ -134,7 +136,16 @@ class CoordinatorClient:
         newer than storage, or the only ones (a run lost before its first
         persistent save)."""
         plan = self._call("restore_plan")
+        self._fetched_plan = (time.monotonic(), plan)  # where a restore() right after starts
         return None if plan is None else plan["step"]
+
+    def _first_plan(self) -> dict | None:
+        """The plan :meth:`restorable_step` just fetched (train begin asks
+        for it, then restores), once; else the coordinator's current one."""
+        fetched, self._fetched_plan = self._fetched_plan, None
+        if fetched is not None and time.monotonic() - fetched[0] < PLAN_REUSE_S:
+            return fetched[1]
+        return self._call("restore_plan")
 
     def restore(self, model, step: int | None = None) -> Manifest:
         """Every rank restores the same step: the newest one that all ranks,
@@ -142,13 +153,19 @@ class CoordinatorClient:
         parallel; no process reads the whole archive to verify it). Without
         ``step``, a newer (or equal) snapshot in the memory tier is tried
         first (see :mod:`ckptmgr.ray.memory_restore`)."""
+        plan = None
         if step is None:
-            manifest = self._restore_from_memory(model)
+            manifest, plan = self._restore_from_memory(model)
             if manifest is not None:
                 return manifest
         rejected: list[int] = []
         while True:
-            chosen = step if step is not None else self._call("restore_step")
+            if step is not None:
+                chosen = step
+            elif plan is not None:  # the storage step the plan named: no second lookup
+                chosen, plan = plan["step"], None
+            else:
+                chosen = self._call("restore_step")
             if chosen is None:
                 raise CorruptCheckpointError(
                     f"No checkpoint under {self.directory} verifies (see the warnings above "
@@ -171,28 +188,30 @@ class CoordinatorClient:
             self._tell("note", "restored", {"step": chosen, "tier": "storage"})
         return manifest
 
-    def _restore_from_memory(self, model) -> Manifest | None:
-        """The newest memory copy every rank verified, applied; None when the
-        newest good snapshot is in storage (or none is)."""
+    def _restore_from_memory(self, model) -> tuple[Manifest | None, dict | None]:
+        """(the newest memory copy every rank verified, applied; None when the
+        newest good snapshot is in storage or none is, with the plan that
+        said so)."""
         from ckptmgr.ray.memory_restore import apply_snapshot, fetch_and_check, nearest_copy
 
+        plan = self._first_plan()
         while True:
-            plan = self._call("restore_plan")
             if plan is None or plan["tier"] != "memory":
-                return None
+                return None, plan
             copy = nearest_copy(plan)
             snapshot, problem = fetch_and_check(plan, self.options.save_timeout_s, keeper=copy["keeper"])
             verdict = self._call("memory_vote", plan["step"], plan["keeper"], self.rank, problem,
                                  self.options.save_timeout_s, copy["keeper"])
             if verdict is None:
                 break
+            plan = self._call("restore_plan")
         manifest = apply_snapshot(model, snapshot, dict(plan, node=copy["node"]))
         self._resumed_from, self.restored_tier = plan["step"], "memory"
         self.restored_node = copy["node"]
         if self.rank == 0:
             log.info("restored step %d from memory on node %s", plan["step"], copy["node"][:12])
             self._tell("note", "restored", {"step": plan["step"], "tier": "memory"})
-        return manifest
+        return manifest, None
 
     def supersede_after(self, step: int | None, reason: str) -> list[int]:
         """Rank 0 asks the coordinator (the lease holder) to move steps newer

@@ -250,6 +250,50 @@ def test_a_run_lost_before_its_first_persistent_save_resumes_from_memory(cluster
     _kill_run(directory)
 
 
+def test_train_begin_asks_the_coordinator_where_to_continue_once(cluster, tmp_path, monkeypatch):
+    """Each rank asked three times at train begin (restorable_step, then
+    restore's memory plan, then its storage step): each a listing and a
+    manifest read on the coordinator, times every rank."""
+    from ckptmgr.distributed import CoordinatorClient
+    from ckptmgr.io.manifest import LoopState
+    from ckptmgr.keras import CheckpointCallback
+
+    directory = str(tmp_path / "run")
+    options = CoordinatorOptions(directory, world_size=1, memory_replicas=2)
+    get_or_create(options)
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+
+    def compiled():
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    trained = compiled()
+    trained.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 8 steps
+    saver = CoordinatorClient(options, rank=0)
+    saver.prepare(trained)
+    saver.save(8, trained, loop=LoopState(epoch=0, batch=8, next_epoch=1, next_batch=0)).result()
+    saver.wait_until_finished()
+    assert CheckpointManager(directory).steps() == [8]
+
+    asked: list[str] = []
+    real_call = CoordinatorClient._call
+
+    def counting(self, method, *args, **kwargs):
+        asked.append(method)
+        return real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(CoordinatorClient, "_call", counting)
+    fresh = compiled()
+    callback = CheckpointCallback(directory, rank=0, world_size=1, save_freq=100)
+    fresh.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
+    assert (callback.restored_step, callback.restored_tier) == (8, "storage")
+    where = [m for m in asked if m in ("restore_plan", "restore_step")]
+    assert where == ["restore_plan"], asked
+    _kill_run(directory)
+
+
 def test_drained_node_emergency_to_memory_then_automatic_restart_is_exact(cluster, tmp_path):
     c, nodes = cluster
     long = ("training.epochs=30", "checkpoint.memory_tier.every_steps=4", "ray.max_restarts=1")
