@@ -27,6 +27,7 @@ from ray_cluster import local_cluster  # noqa: E402
 from ckptmgr import CheckpointManager  # noqa: E402
 from ckptmgr.config import apply_overrides, load_config  # noqa: E402
 from ckptmgr.coordinator import CoordinatorOptions, find, get_or_create  # noqa: E402
+from ckptmgr.io.manifest import LoopState  # noqa: E402
 from ckptmgr.io.snapshot import ModelSnapshot, VarGroup  # noqa: E402
 from ckptmgr.ray.drain import draining_nodes  # noqa: E402
 from ckptmgr.ray.keepers import MemoryTier  # noqa: E402
@@ -216,33 +217,46 @@ def _drain(cluster_address: str, node_id: str, deadline_s: int) -> None:
                     "--deadline-remaining-seconds", str(deadline_s)], check=True, capture_output=True)
 
 
+def _small_data() -> tuple[np.ndarray, np.ndarray]:
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    return x, x.sum(axis=1, keepdims=True)
+
+
+def _small_model():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+EPOCH_1_DONE = LoopState(epoch=0, batch=8, next_epoch=1, next_batch=0)  # of _trained_8_steps
+
+
+def _trained_8_steps(directory: str):
+    """(a rank-0 client of a 1-rank run with a memory tier, a small model
+    trained 8 steps (one epoch) and prepared, its data)."""
+    from ckptmgr.distributed import CoordinatorClient
+
+    options = CoordinatorOptions(directory, world_size=1, memory_replicas=2)
+    get_or_create(options)
+    data = _small_data()
+    trained = _small_model()
+    trained.fit(*data, batch_size=8, epochs=1, verbose=0)
+    client = CoordinatorClient(options, rank=0)
+    client.prepare(trained)
+    return client, trained, data
+
+
 def test_a_run_lost_before_its_first_persistent_save_resumes_from_memory(cluster, tmp_path):
     """Only the memory tier holds the run (its node was lost before any save
     reached storage): the callback continues from memory, not from scratch."""
-    from ckptmgr.distributed import CoordinatorClient
-    from ckptmgr.io.manifest import LoopState
     from ckptmgr.keras import CheckpointCallback
 
     directory = str(tmp_path / "run")
-    options = CoordinatorOptions(directory, world_size=1, memory_replicas=2)
-    get_or_create(options)
-    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
-    y = x.sum(axis=1, keepdims=True)
-
-    def compiled():
-        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)])
-        model.compile(optimizer="adam", loss="mse")
-        return model
-
-    trained = compiled()
-    trained.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 8 steps
-    client = CoordinatorClient(options, rank=0)
-    client.prepare(trained)
-    loop = LoopState(epoch=0, batch=8, next_epoch=1, next_batch=0)
-    assert client.save(8, trained, loop=loop, tier="memory").result()["memory"]
+    client, trained, (x, y) = _trained_8_steps(directory)
+    assert client.save(8, trained, loop=EPOCH_1_DONE, tier="memory").result()["memory"]
     assert CheckpointManager(directory).latest_step() is None  # storage holds nothing
 
-    fresh = compiled()
+    fresh = _small_model()
     callback = CheckpointCallback(directory, rank=0, world_size=1, save_freq=100, memory_every=4)
     fresh.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
     assert (callback.restored_step, callback.restored_tier) == (8, "memory")
@@ -255,25 +269,11 @@ def test_train_begin_asks_the_coordinator_where_to_continue_once(cluster, tmp_pa
     restore's memory plan, then its storage step): each a listing and a
     manifest read on the coordinator, times every rank."""
     from ckptmgr.distributed import CoordinatorClient
-    from ckptmgr.io.manifest import LoopState
     from ckptmgr.keras import CheckpointCallback
 
     directory = str(tmp_path / "run")
-    options = CoordinatorOptions(directory, world_size=1, memory_replicas=2)
-    get_or_create(options)
-    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
-    y = x.sum(axis=1, keepdims=True)
-
-    def compiled():
-        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)])
-        model.compile(optimizer="adam", loss="mse")
-        return model
-
-    trained = compiled()
-    trained.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 8 steps
-    saver = CoordinatorClient(options, rank=0)
-    saver.prepare(trained)
-    saver.save(8, trained, loop=LoopState(epoch=0, batch=8, next_epoch=1, next_batch=0)).result()
+    saver, trained, (x, y) = _trained_8_steps(directory)
+    saver.save(8, trained, loop=EPOCH_1_DONE).result()
     saver.wait_until_finished()
     assert CheckpointManager(directory).steps() == [8]
 
@@ -285,7 +285,7 @@ def test_train_begin_asks_the_coordinator_where_to_continue_once(cluster, tmp_pa
         return real_call(self, method, *args, **kwargs)
 
     monkeypatch.setattr(CoordinatorClient, "_call", counting)
-    fresh = compiled()
+    fresh = _small_model()
     callback = CheckpointCallback(directory, rank=0, world_size=1, save_freq=100)
     fresh.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
     assert (callback.restored_step, callback.restored_tier) == (8, "storage")
