@@ -276,7 +276,8 @@ def run_ranks(task: Task, placement: Placement, *, hint: str,
               on_tick: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Start one :class:`TrainWorker` per rank, run ``task`` on each, and return
     their outcomes by rank; every actor is stopped afterwards. A failed rank
-    stops all: :class:`JobStoppedError` ending with ``hint``. ``on_tick`` is
+    stops all: :class:`JobStoppedError` ending with ``hint``, or the rank's own
+    error where no restart mends it (:data:`ckptmgr.errors.NOT_RESTARTABLE`). ``on_tick`` is
     called about twice a second while they train."""
     import ray
 
@@ -405,7 +406,8 @@ def fit_on_ray(
 
     Returns rank 0's :class:`RayJobResult` (``weights`` with ``return_weights``).
     A lost rank stops all: :class:`JobStoppedError`, unless ``max_restarts``
-    allows starting again. The run's coordinator is stopped when the run
+    allows starting again (never after a :class:`WriterFencedError` or another
+    error no restart mends: that is raised as itself). The run's coordinator is stopped when the run
     finishes, unless ``keep_coordinator``. Starts Ray (``ray.init(address)``)
     if this process has not.
     """
