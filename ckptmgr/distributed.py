@@ -45,7 +45,6 @@ log = logging.getLogger("ckptmgr")
 POLL_INTERVAL_S = 0.2  # how often workers ask the coordinator for an emergency step
 EMERGENCY_LEAD_S = 1.0  # how far ahead (in training time) the emergency step is set
 PROGRESS_INTERVAL_S = 0.5  # how often rank 0 tells the coordinator its step and loss
-PLAN_REUSE_S = 10.0  # a restore plan this fresh is not fetched again (train begin)
 
 
 class CoordinatorClient:
@@ -70,7 +69,6 @@ class CoordinatorClient:
         self._outcomes: list[Future] = []  # of saves not yet waited for, oldest first
         self._emergency_ref = None
         self._resumed_from: int | None = None
-        self._fetched_plan: tuple[float, dict | None] | None = None  # (when, restore plan) of restorable_step
         self.restored_tier: str | None = None  # "memory" or "storage" after a restore
         self.restored_node: str | None = None  # the node of the memory copy read
         self._node: str | None = None  # this rank's Ray node (set at prepare)
@@ -131,31 +129,23 @@ class CoordinatorClient:
     def latest_step(self) -> int | None:
         return self._call("latest_step")
 
-    def restorable_step(self) -> int | None:
-        """The newest step of either tier: the memory tier may hold snapshots
-        newer than storage, or the only ones (a run lost before its first
-        persistent save)."""
-        plan = self._call("restore_plan")
-        self._fetched_plan = (time.monotonic(), plan)  # where a restore() right after starts
-        return None if plan is None else plan["step"]
-
-    def _first_plan(self) -> dict | None:
-        """The plan :meth:`restorable_step` just fetched (train begin asks
-        for it, then restores), once; else the coordinator's current one."""
-        fetched, self._fetched_plan = self._fetched_plan, None
-        if fetched is not None and time.monotonic() - fetched[0] < PLAN_REUSE_S:
-            return fetched[1]
+    def restore_plan(self) -> dict | None:
+        """Where a restore would continue: ``{"tier": "memory"|"storage",
+        "step", ...}`` of the newest snapshot of either tier, or None. The
+        memory tier may hold snapshots newer than storage, or the only ones
+        (a run lost before its first persistent save). Pass it to
+        :meth:`restore` to restore exactly that without asking again."""
         return self._call("restore_plan")
 
-    def restore(self, model, step: int | None = None) -> Manifest:
+    def restore(self, model, step: int | None = None, *, plan: dict | None = None) -> Manifest:
         """Every rank restores the same step: the newest one that all ranks,
         each verifying a share of its chunks, agree is good (ranged reads in
         parallel; no process reads the whole archive to verify it). Without
         ``step``, a newer (or equal) snapshot in the memory tier is tried
-        first (see :mod:`ckptmgr.ray.memory_restore`)."""
-        plan = None
+        first (see :mod:`ckptmgr.ray.memory_restore`), starting from ``plan``
+        (a :meth:`restore_plan` the caller just asked for) when given."""
         if step is None:
-            manifest, plan = self._restore_from_memory(model)
+            manifest, plan = self._restore_from_memory(model, plan or self.restore_plan())
             if manifest is not None:
                 return manifest
         rejected: list[int] = []
@@ -188,13 +178,12 @@ class CoordinatorClient:
             self._tell("note", "restored", {"step": chosen, "tier": "storage"})
         return manifest
 
-    def _restore_from_memory(self, model) -> tuple[Manifest | None, dict | None]:
+    def _restore_from_memory(self, model, plan: dict | None) -> tuple[Manifest | None, dict | None]:
         """(the newest memory copy every rank verified, applied; None when the
         newest good snapshot is in storage or none is, with the plan that
-        said so)."""
+        said so), starting from ``plan``."""
         from ckptmgr.ray.memory_restore import apply_snapshot, fetch_and_check, nearest_copy
 
-        plan = self._first_plan()
         while True:
             if plan is None or plan["tier"] != "memory":
                 return None, plan
@@ -204,7 +193,7 @@ class CoordinatorClient:
                                  self.options.save_timeout_s, copy["keeper"])
             if verdict is None:
                 break
-            plan = self._call("restore_plan")
+            plan = self.restore_plan()
         manifest = apply_snapshot(model, snapshot, dict(plan, node=copy["node"]))
         self._resumed_from, self.restored_tier = plan["step"], "memory"
         self.restored_node = copy["node"]

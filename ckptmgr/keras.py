@@ -227,8 +227,8 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
             # continue, so nothing it commits afterwards is taken for this run's history.
             self.manager.claim()
             newest = self.manager.latest_step()
-        if self.restore_on_begin and self._restorable(newest) is not None:
-            self._restore()
+        if self.restore_on_begin:
+            self._restore_newest(newest)
         self._settle_history(newest)
         self._started = True
         self._tell_progress = self._progress_sink()
@@ -241,14 +241,18 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
             self._pending = None
             self.auto.start(self._global_step, self.restored_manifest)
 
-    def _restorable(self, newest: int | None) -> int | None:
-        """The newest step to continue from: on Ray, the memory tier counts too."""
-        if hasattr(self.manager, "restorable_step"):
-            return self.manager.restorable_step()
-        return newest
+    def _restore_newest(self, newest: int | None) -> None:
+        """Continue from the newest checkpoint, if any. On Ray the memory tier
+        counts too: the coordinator is asked once where to continue, and the
+        restore starts from that answer."""
+        if hasattr(self.manager, "restore_plan"):
+            plan = self.manager.restore_plan()
+            if plan is not None:
+                self._continue_from(self.manager.restore(self.model, plan=plan))
+        elif newest is not None:
+            self._continue_from(self.manager.restore(self.model))
 
-    def _restore(self) -> None:
-        manifest = self.manager.restore(self.model)
+    def _continue_from(self, manifest) -> None:
         self.restored_manifest, self.restored_step = manifest, manifest.step
         self._global_step = self._last_saved_step = manifest.step
         loop = manifest.loop or LoopState()

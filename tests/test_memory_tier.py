@@ -265,7 +265,7 @@ def test_a_run_lost_before_its_first_persistent_save_resumes_from_memory(cluster
 
 
 def test_train_begin_asks_the_coordinator_where_to_continue_once(cluster, tmp_path, monkeypatch):
-    """Each rank asked three times at train begin (restorable_step, then
+    """Each rank asked three times at train begin (where to continue, then
     restore's memory plan, then its storage step): each a listing and a
     manifest read on the coordinator, times every rank."""
     from ckptmgr.distributed import CoordinatorClient
@@ -291,6 +291,20 @@ def test_train_begin_asks_the_coordinator_where_to_continue_once(cluster, tmp_pa
     assert (callback.restored_step, callback.restored_tier) == (8, "storage")
     where = [m for m in asked if m in ("restore_plan", "restore_step")]
     assert where == ["restore_plan"], asked
+    _kill_run(directory)
+
+
+def test_asking_where_to_continue_does_not_pin_a_later_restore_to_that_answer(cluster, tmp_path):
+    """restorable_step() kept its plan for restore() for 10 s: a step saved in
+    between was ignored and the older one restored, silently. Now a plan is
+    used only where it is passed."""
+    directory = str(tmp_path / "run")
+    client, trained, _ = _trained_8_steps(directory)
+    client.save(8, trained, loop=EPOCH_1_DONE).result()
+    assert client.restore_plan()["step"] == 8
+    client.save(9, trained, loop=EPOCH_1_DONE).result()
+    client.wait_until_finished()
+    assert client.restore(_small_model()).step == 9
     _kill_run(directory)
 
 
