@@ -182,19 +182,19 @@ class CoordinatorClient:
         """(the newest memory copy every rank verified, applied; None when the
         newest good snapshot is in storage or none is, with the plan that
         said so), starting from ``plan``."""
-        from ckptmgr.ray.memory_restore import apply_snapshot, fetch_and_check, nearest_copy
+        from ckptmgr.ray.memory_restore import apply_snapshot, fetch_and_check, named_copy, nearest_copy
 
         while True:
             if plan is None or plan["tier"] != "memory":
                 return None, plan
             copy = nearest_copy(plan)
             snapshot, problem = fetch_and_check(plan, self.options.save_timeout_s, keeper=copy["keeper"])
-            verdict = self._call("memory_vote", plan["step"], plan["keeper"], self.rank, problem,
+            verdict = self._call("memory_vote", plan["step"], named_copy(plan)["keeper"], self.rank, problem,
                                  self.options.save_timeout_s, copy["keeper"])
             if verdict is None:
                 break
             plan = self.restore_plan()
-        manifest = apply_snapshot(model, snapshot, dict(plan, node=copy["node"]))
+        manifest = apply_snapshot(model, snapshot, plan, copy["node"])
         self._resumed_from, self.restored_tier = plan["step"], "memory"
         self.restored_node = copy["node"]
         if self.rank == 0:

@@ -44,11 +44,11 @@ def test_arrays_applied_from_memory_equal_the_archive_restore(build):
     x, y = np.random.default_rng(0).normal(size=(32, 6)), np.ones((32, trained.output_shape[-1]))
     trained.fit(x, y, epochs=2, batch_size=8, verbose=0)
     snapshot = plan_for(trained).capture(reuse_buffers=False)
-    plan = {"step": 8, "node": "n", "meta": {"digest": snapshot_digest(snapshot), "time": 0.0,
+    plan = {"step": 8, "meta": {"digest": snapshot_digest(snapshot), "time": 0.0,
                                               "loop": {"epoch": 1, "next_epoch": 2}, "metrics": {"loss": 1.0}}}
 
     from_memory = build()
-    manifest = apply_snapshot(from_memory, snapshot, plan)
+    manifest = apply_snapshot(from_memory, snapshot, plan, "n")
     from_archive = build()
     buffer = io.BytesIO()
     write_keras_archive(buffer, snapshot)
@@ -62,7 +62,7 @@ def test_arrays_applied_from_memory_equal_the_archive_restore(build):
         np.testing.assert_array_equal(g, w)
         np.testing.assert_array_equal(r, w)
     assert manifest.step == 8 and manifest.extra["tier"] == "memory" and manifest.loop.next_epoch == 2
-    assert manifest.extra["memory_bytes"] == snapshot.nbytes
+    assert manifest.extra["memory_bytes"] == snapshot.nbytes and manifest.extra["node"] == "n"
 
 
 def test_a_model_that_does_not_fit_is_refused_in_one_line():
@@ -71,6 +71,6 @@ def test_a_model_that_does_not_fit_is_refused_in_one_line():
     snapshot = plan_for(_mlp()).capture(reuse_buffers=False)
     other = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3), keras.layers.Dense(2)])
     other.compile(optimizer="adam", loss="mse")
-    plan = {"step": 1, "node": "n", "meta": {"digest": "x", "time": 0.0}}
+    plan = {"step": 1, "meta": {"digest": "x", "time": 0.0}}
     with pytest.raises(IncompatibleCheckpointError, match="does not fit this model"):
-        apply_snapshot(other, snapshot, plan)
+        apply_snapshot(other, snapshot, plan, "n")

@@ -31,7 +31,7 @@ from ckptmgr.io.manifest import LoopState  # noqa: E402
 from ckptmgr.io.snapshot import ModelSnapshot, VarGroup  # noqa: E402
 from ckptmgr.ray.drain import draining_nodes  # noqa: E402
 from ckptmgr.ray.keepers import MemoryTier  # noqa: E402
-from ckptmgr.ray.memory_restore import fetch_and_check, nearest_copy  # noqa: E402
+from ckptmgr.ray.memory_restore import fetch_and_check, named_copy, nearest_copy  # noqa: E402
 from ckptmgr.ray_job import run_on_ray  # noqa: E402
 from ckptmgr.replicas import snapshot_digest  # noqa: E402
 
@@ -133,7 +133,7 @@ def test_lost_coordinator_node_and_replica_other_copy_serves(cluster, tmp_path):
     c.wait_for_nodes()
     fresh = get_or_create(options)  # what a resuming driver does
     plan = ray.get(fresh.restore_plan.remote())
-    assert plan["tier"] == "memory" and plan["step"] == 40 and plan["node"] != spare
+    assert plan["tier"] == "memory" and plan["step"] == 40 and named_copy(plan)["node"] != spare
     got, problem = fetch_and_check(plan, 30)
     assert problem is None
     for (_, a), (_, b) in zip(got.groups[0].arrays, snap.groups[0].arrays, strict=True):
@@ -156,7 +156,7 @@ def test_damaged_copy_is_skipped_then_storage_when_keepers_are_gone(cluster, tmp
         assert plan["tier"] == "memory" and plan["step"] == 60
         _, problem = fetch_and_check(plan, 30)
         assert problem is not None and "damaged" in problem
-        assert ray.get(coord.memory_vote.remote(60, plan["keeper"], 0, problem, 30)) is not None
+        assert ray.get(coord.memory_vote.remote(60, named_copy(plan)["keeper"], 0, problem, 30)) is not None
     assert ray.get(coord.restore_plan.remote()) == {"tier": "storage", "step": 50}
     # A newer, good copy is preferred again; killing every keeper falls back to storage.
     _keep(coord, 70, _snapshot(7.0), node=_node_id(nodes["rank0"]))
@@ -194,18 +194,19 @@ def test_a_rank_reads_the_copy_on_its_own_node_and_a_damaged_one_is_passed_over(
         copy, problem = _read_nearest_on(node, plan)
         assert copy["node"] == node and problem is None
     copy, problem = _read_nearest_on(producer, plan)  # holds no copy
-    assert copy == {"keeper": plan["keeper"], "node": plan["node"]} and problem is None
+    named = named_copy(plan)
+    assert copy == named and problem is None
 
-    other = next(c for c in plan["copies"] if c["keeper"] != plan["keeper"])
+    other = next(c for c in plan["copies"] if c != named)
     ray.get(MemoryTier(directory).keepers()[other["keeper"]].damage.remote(80))
     copy, problem = _read_nearest_on(other["node"], plan)
     assert copy == other and "damaged" in problem
-    assert ray.get(coord.memory_vote.remote(80, plan["keeper"], 0, problem, 30, other["keeper"])) is not None
+    assert ray.get(coord.memory_vote.remote(80, named["keeper"], 0, problem, 30, other["keeper"])) is not None
     again = ray.get(coord.restore_plan.remote())
-    assert again["step"] == 80 and again["copies"] == [{"keeper": plan["keeper"], "node": plan["node"]}]
+    assert again["step"] == 80 and again["copies"] == [named]
     copy, problem = _read_nearest_on(other["node"], again)
-    assert copy["keeper"] == plan["keeper"] and problem is None
-    assert ray.get(coord.memory_vote.remote(80, plan["keeper"], 0, None, 30, plan["keeper"])) is None
+    assert copy == named and problem is None
+    assert ray.get(coord.memory_vote.remote(80, named["keeper"], 0, None, 30, named["keeper"])) is None
     _kill_run(directory)
 
 

@@ -118,26 +118,26 @@ class MemoryTierMixin:
     def restore_plan(self) -> dict[str, Any] | None:
         """The newest snapshot worth trying, of either tier; None when none is.
 
-        ``{"tier": "memory", "step", "keeper", "node", "meta", "copies"}`` or
+        ``{"tier": "memory", "step", "meta", "copies"}`` or
         ``{"tier": "storage", "step"}``; ``copies`` are every good copy of the
-        step (``{"keeper", "node"}``, the named one first): a rank reads the
-        one on its own node when there is one (no transfer).
+        step (``{"keeper", "node"}``), the one every rank reads by default
+        first: a rank reads the one on its own node when there is one (no
+        transfer).
         """
         stored = self.restore_step()
         good = [c for c in (self._tier.copies() if self._tier is not None else [])
                 if (c.step, c.keeper) not in self._bad_memory]
         if good and (stored is None or good[0].step >= stored):
             newest = good[0]
-            return {"tier": "memory", "step": newest.step, "keeper": newest.keeper, "node": newest.node,
-                    "meta": newest.meta, "copies": [{"keeper": c.keeper, "node": c.node}
-                                                    for c in good if c.step == newest.step]}
+            return {"tier": "memory", "step": newest.step, "meta": newest.meta,
+                    "copies": [{"keeper": c.keeper, "node": c.node} for c in good if c.step == newest.step]}
         return None if stored is None else {"tier": "storage", "step": stored}
 
     def memory_vote(self, step: int, keeper: str, rank: int, problem: str | None,
                     timeout_s: float, read: str | None = None) -> str | None:
         """Like ``restore_vote``, for the copies of ``step`` the ranks read
-        (the round is named by the plan's ``keeper``; a rank read ``read``, its
-        own node's copy, or ``keeper``). A copy a rank found damaged or
+        (the round is named by ``keeper``, the plan's first copy; a rank read
+        ``read``, its own node's copy, or ``keeper``). A copy a rank found damaged or
         unreadable is never offered again; the others stay."""
         read = read or keeper
         if problem is not None and (step, read) not in self._bad_memory:

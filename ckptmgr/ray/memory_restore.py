@@ -24,21 +24,26 @@ log = logging.getLogger("ckptmgr")
 MEMORY_ATTEMPT = "memory"  # the attempt id a memory restore's manifest names
 
 
+def named_copy(plan: dict[str, Any]) -> dict[str, str]:
+    """``{"keeper", "node"}`` of the copy a memory plan names first: every
+    rank's vote on the plan's step is a round named after it."""
+    return plan["copies"][0]
+
+
 def nearest_copy(plan: dict[str, Any]) -> dict[str, str]:
     """``{"keeper", "node"}`` of the copy to read: the one on this process's
     node when the plan lists one (read from the local object store, no
-    transfer between nodes), else the one the plan names."""
+    transfer between nodes), else the one the plan names first."""
     import ray
 
     here = ray.get_runtime_context().get_node_id()
-    named = {"keeper": plan["keeper"], "node": plan["node"]}
-    return next((c for c in plan.get("copies", ()) if c["node"] == here), named)
+    return next((c for c in plan["copies"] if c["node"] == here), named_copy(plan))
 
 
 def fetch_and_check(plan: dict[str, Any], timeout_s: float,
                     keeper: str | None = None) -> tuple[Any, str | None]:
     """(snapshot or None, problem or None) of ``keeper``'s copy of the plan's
-    step (the keeper the plan names by default)."""
+    step (the copy the plan names first by default)."""
     import ray
 
     from ckptmgr.ray.keepers import NAMESPACE
@@ -46,7 +51,7 @@ def fetch_and_check(plan: dict[str, Any], timeout_s: float,
 
     step = plan["step"]
     try:
-        actor = ray.get_actor(keeper or plan["keeper"], namespace=NAMESPACE)
+        actor = ray.get_actor(keeper or named_copy(plan)["keeper"], namespace=NAMESPACE)
         refs = ray.get(actor.fetch.remote(step), timeout=timeout_s)
         snapshot = ray.get(refs[0], timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - a lost keeper or node: another copy, or storage
@@ -58,9 +63,10 @@ def fetch_and_check(plan: dict[str, Any], timeout_s: float,
     return snapshot, None
 
 
-def apply_snapshot(model, snapshot, plan: dict[str, Any]) -> Manifest:
-    """Load ``snapshot`` into ``model`` as a restore of its archive would, and
-    the manifest a stored checkpoint of it would carry (``extra.tier``).
+def apply_snapshot(model, snapshot, plan: dict[str, Any], node: str) -> Manifest:
+    """Load ``snapshot`` (the plan's step, read from ``node``) into ``model``
+    as a restore of its archive would, and the manifest a stored checkpoint
+    of it would carry (``extra.tier``, ``extra.node``).
 
     The arrays go straight from host memory through Keras's own traversal
     (:func:`ckptmgr.state.apply_snapshot_arrays`); only a model with assets
@@ -75,15 +81,15 @@ def apply_snapshot(model, snapshot, plan: dict[str, Any]) -> Manifest:
     build_if_needed(model, json.loads(snapshot.config_json))
     if not snapshot.assets:
         apply_snapshot_arrays(model, snapshot)
-        return memory_manifest(plan, snapshot.nbytes)
+        return memory_manifest(plan, node, snapshot.nbytes)
     buffer = io.BytesIO()
     write_keras_archive(buffer, snapshot)
     with open_weights(buffer) as h5:
         apply_weights(model, h5)
-    return memory_manifest(plan, buffer.getbuffer().nbytes)
+    return memory_manifest(plan, node, buffer.getbuffer().nbytes)
 
 
-def memory_manifest(plan: dict[str, Any], nbytes: int) -> Manifest:
+def memory_manifest(plan: dict[str, Any], node: str, nbytes: int) -> Manifest:
     """The manifest of a memory copy: step, loop state, metrics, where it was.
     No archive of it is stored: ``files`` names an empty one, the copy's size
     is ``extra.memory_bytes`` and its integrity the digest every rank checked
@@ -95,7 +101,7 @@ def memory_manifest(plan: dict[str, Any], nbytes: int) -> Manifest:
         step=step, created=datetime.fromtimestamp(meta.get("time", 0.0), tz=timezone.utc),
         archive=archive, attempt=MEMORY_ATTEMPT, files={archive: entry},
         metrics=meta.get("metrics") or {},
-        extra=dict(meta.get("extra") or {}, tier="memory", node=plan.get("node", ""), memory_bytes=nbytes),
+        extra=dict(meta.get("extra") or {}, tier="memory", node=node, memory_bytes=nbytes),
         loop=LoopState(**meta["loop"]) if meta.get("loop") else None,
         world={"world_size": meta.get("world_size"), "digest": meta["digest"]},
     )
