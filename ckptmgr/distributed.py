@@ -188,7 +188,7 @@ class CoordinatorClient:
             if plan is None or plan["tier"] != "memory":
                 return None, plan
             copy = nearest_copy(plan)
-            snapshot, problem = fetch_and_check(plan, self.options.save_timeout_s, keeper=copy["keeper"])
+            snapshot, problem = fetch_and_check(plan, self.options.save_timeout_s, copy)
             verdict = self._call("memory_vote", plan["step"], named_copy(plan)["keeper"], self.rank, problem,
                                  self.options.save_timeout_s, copy["keeper"])
             if verdict is None:

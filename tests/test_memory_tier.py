@@ -173,7 +173,7 @@ def _read_nearest_on(node_id: str, plan: dict) -> tuple[dict, str | None]:
     @ray.remote(num_cpus=0)
     def read(plan):
         copy = nearest_copy(plan)
-        return copy, fetch_and_check(plan, 30, keeper=copy["keeper"])[1]
+        return copy, fetch_and_check(plan, 30, copy)[1]
 
     strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
     return ray.get(read.options(scheduling_strategy=strategy).remote(plan), timeout=60)
@@ -221,6 +221,44 @@ def _drain(cluster_address: str, node_id: str, deadline_s: int) -> None:
 def _small_data() -> tuple[np.ndarray, np.ndarray]:
     x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
     return x, x.sum(axis=1, keepdims=True)
+
+
+def test_a_rank_on_another_node_streams_the_copy_and_reads_it_through_ray_when_refused(cluster, tmp_path):
+    """A rank on a node without a copy gets it over a direct stream from the
+    keeper (ckptmgr.ray.stream); when the stream is refused, through Ray's
+    own transfer, with one warning. Either way bit for bit."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    c, nodes = cluster
+    directory = str(tmp_path / "run")
+    coord = get_or_create(CoordinatorOptions(directory, world_size=1, memory_replicas=1))
+    reader = _node_id(nodes["spare"])
+    sent = _snapshot(9.0, n=400_000)
+    _keep(coord, 90, sent, node=reader)
+    plan = ray.get(coord.restore_plan.remote())
+    assert [c["node"] for c in plan["copies"]] != [reader]
+
+    @ray.remote(num_cpus=0)
+    def read(plan):
+        import logging
+
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: records.append(record.getMessage())
+        logging.getLogger("ckptmgr").addHandler(handler)
+        snapshot, problem = fetch_and_check(plan, 30, nearest_copy(plan))
+        return snapshot.groups[0].arrays[0][1], problem, records
+
+    strategy = NodeAffinitySchedulingStrategy(reader, soft=False)
+    for refused in (False, True):
+        if refused:
+            ray.get(MemoryTier(directory).keepers()[named_copy(plan)["keeper"]].break_streams.remote())
+        array, problem, records = ray.get(read.options(scheduling_strategy=strategy).remote(plan), timeout=60)
+        assert problem is None
+        np.testing.assert_array_equal(array, sent.groups[0].arrays[0][1])
+        fell_back = [r for r in records if "through Ray's object store instead" in r]
+        assert len(fell_back) == int(refused), records
+    _kill_run(directory)
 
 
 def _small_model():

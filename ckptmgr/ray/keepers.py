@@ -42,6 +42,7 @@ class Keeper:
         self.directory = directory
         self.retain = max(1, int(retain))
         self._held: dict[int, tuple[list, dict]] = {}  # step -> ([own ObjectRef], meta)
+        self._streams_broken = False  # fault injection (tests): offers a wrong token
 
     def node_id(self) -> str:
         import ray
@@ -80,6 +81,20 @@ class Keeper:
     def fetch(self, step: int) -> list:
         """``[ObjectRef]`` of the held snapshot of ``step`` (a reader pulls it)."""
         return list(self._held[step][0])
+
+    def serve(self, step: int, timeout_s: float) -> dict:
+        """An offer to stream the held copy of ``step`` to one reader on
+        another node, faster than Ray's transfer (see :mod:`ckptmgr.ray.stream`)."""
+        import ray
+
+        from ckptmgr.ray.stream import TOKEN_BYTES, offer_stream
+
+        offer = offer_stream(ray.get(self._held[step][0][0]), timeout_s)
+        return dict(offer, token=bytes(TOKEN_BYTES)) if self._streams_broken else offer
+
+    def break_streams(self) -> None:
+        """Fault injection (tests): every later stream refuses its reader."""
+        self._streams_broken = True
 
     def drop_after(self, step: int | None) -> list[int]:
         """Forget steps newer than ``step`` (all for None): a run that continues

@@ -41,19 +41,14 @@ def nearest_copy(plan: dict[str, Any]) -> dict[str, str]:
 
 
 def fetch_and_check(plan: dict[str, Any], timeout_s: float,
-                    keeper: str | None = None) -> tuple[Any, str | None]:
-    """(snapshot or None, problem or None) of ``keeper``'s copy of the plan's
-    step (the copy the plan names first by default)."""
-    import ray
-
-    from ckptmgr.ray.keepers import NAMESPACE
+                    copy: dict[str, str] | None = None) -> tuple[Any, str | None]:
+    """(snapshot or None, problem or None) of ``copy`` (``{"keeper",
+    "node"}``, the plan's first copy by default) of the plan's step."""
     from ckptmgr.replicas import snapshot_digest
 
-    step = plan["step"]
+    step, copy = plan["step"], copy or named_copy(plan)
     try:
-        actor = ray.get_actor(keeper or named_copy(plan)["keeper"], namespace=NAMESPACE)
-        refs = ray.get(actor.fetch.remote(step), timeout=timeout_s)
-        snapshot = ray.get(refs[0], timeout=timeout_s)
+        snapshot = _read_copy(step, copy, timeout_s)
     except Exception as exc:  # noqa: BLE001 - a lost keeper or node: another copy, or storage
         return None, f"memory copy of step {step} unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     digest = snapshot_digest(snapshot)
@@ -61,6 +56,26 @@ def fetch_and_check(plan: dict[str, Any], timeout_s: float,
         return None, (f"memory copy of step {step} is damaged: digest {digest[:12]} differs from "
                       f"{plan['meta']['digest'][:12]} recorded when it was saved")
     return snapshot, None
+
+
+def _read_copy(step: int, copy: dict[str, str], timeout_s: float):
+    """The keeper's copy of ``step``: from this node's object store when it
+    is here (no transfer), else over a stream from the keeper
+    (:mod:`ckptmgr.ray.stream`), else through Ray's own transfer."""
+    import ray
+
+    from ckptmgr.ray.keepers import NAMESPACE
+    from ckptmgr.ray.stream import receive_stream
+
+    actor = ray.get_actor(copy["keeper"], namespace=NAMESPACE)
+    if copy["node"] != ray.get_runtime_context().get_node_id():
+        try:
+            return receive_stream(ray.get(actor.serve.remote(step, timeout_s), timeout=timeout_s), timeout_s)
+        except (OSError, ray.exceptions.GetTimeoutError) as exc:
+            log.warning("memory copy of step %d: no stream from node %s (%s: %s); reading it through "
+                        "Ray's object store instead", step, copy["node"][:12], type(exc).__name__, exc)
+    refs = ray.get(actor.fetch.remote(step), timeout=timeout_s)
+    return ray.get(refs[0], timeout=timeout_s)
 
 
 def apply_snapshot(model, snapshot, plan: dict[str, Any], node: str) -> Manifest:
