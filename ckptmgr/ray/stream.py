@@ -39,6 +39,9 @@ log = logging.getLogger("ckptmgr")
 
 TOKEN_BYTES = 16
 SEND_BYTES = 8 << 20  # one sendall/recv_into at most: bounded kernel calls, prompt timeouts
+# A firewall that drops packets to the keeper's port makes connect() hang, not fail:
+# give up soon and read through Ray instead of waiting the whole read timeout.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def offer_stream(snapshot: ModelSnapshot, timeout_s: float) -> dict[str, Any]:
@@ -92,7 +95,8 @@ def receive_stream(offer: dict[str, Any], timeout_s: float) -> ModelSnapshot:
     read from the stream into fresh arrays. Raises ``OSError`` (a
     ``ConnectionError`` for a stream that ends early) when it cannot."""
     spec: ModelSnapshot = offer["spec"]
-    with socket.create_connection((offer["host"], offer["port"]), timeout=timeout_s) as conn:
+    connect_s = min(CONNECT_TIMEOUT_S, timeout_s)
+    with socket.create_connection((offer["host"], offer["port"]), timeout=connect_s) as conn:
         conn.settimeout(timeout_s)
         conn.sendall(offer["token"])
         groups = [VarGroup(g.path, dict(g.attrs), [(key, _receive(conn, a) if isinstance(a, ArraySpec) else a)
