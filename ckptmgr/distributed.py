@@ -184,17 +184,24 @@ class CoordinatorClient:
         said so), starting from ``plan``."""
         from ckptmgr.ray.memory_restore import apply_snapshot, fetch_and_check, named_copy, nearest_copy
 
-        while True:
-            if plan is None or plan["tier"] != "memory":
-                return None, plan
-            copy = nearest_copy(plan)
-            snapshot, problem = fetch_and_check(plan, self.options.save_timeout_s, copy)
-            verdict = self._call("memory_vote", plan["step"], named_copy(plan)["keeper"], self.rank, problem,
-                                 self.options.save_timeout_s, copy["keeper"])
-            if verdict is None:
-                break
-            plan = self.restore_plan()
-        manifest = apply_snapshot(model, snapshot, plan, copy["node"])
+        if plan is None or plan["tier"] != "memory":
+            return None, plan
+        pool = self._reader.restore_buffers()  # a copy streamed here is read into these
+        pool.begin()
+        try:
+            while True:
+                copy = nearest_copy(plan)
+                snapshot, problem = fetch_and_check(plan, self.options.save_timeout_s, copy, pool.take)
+                verdict = self._call("memory_vote", plan["step"], named_copy(plan)["keeper"], self.rank,
+                                     problem, self.options.save_timeout_s, copy["keeper"])
+                if verdict is None:
+                    break
+                plan = self.restore_plan()
+                if plan is None or plan["tier"] != "memory":
+                    return None, plan
+            manifest = apply_snapshot(model, snapshot, plan, copy["node"])
+        finally:
+            pool.release_later()
         self._resumed_from, self.restored_tier = plan["step"], "memory"
         self.restored_node = copy["node"]
         if self.rank == 0:

@@ -412,11 +412,9 @@ class CheckpointManager(Pruning, Exporting):
         a next restore (at most the last two restores' worth, for 60 s, or
         until :meth:`prepare` or :meth:`close`).
         """
-        from ckptmgr.restore_direct import BufferPool, restore_archive
+        from ckptmgr.restore_direct import restore_archive
 
-        if self._restore_buffers is None:
-            self._restore_buffers = BufferPool()
-        pool = self._restore_buffers
+        pool = self.restore_buffers()
 
         def apply(manifest: Manifest, path: str) -> None:  # the archive is verified
             restore_archive(model, path, where=_where(manifest), pool=pool)
@@ -429,6 +427,16 @@ class CheckpointManager(Pruning, Exporting):
         finally:
             pool.release_later()
         return manifest
+
+    def restore_buffers(self):
+        """The :class:`~ckptmgr.io.direct_read.BufferPool` restores read large
+        arrays into (a restore from the Ray memory tier too), kept for the
+        next restore; bracket its use with ``begin()`` and ``release_later()``."""
+        from ckptmgr.io.direct_read import BufferPool
+
+        if self._restore_buffers is None:
+            self._restore_buffers = BufferPool()
+        return self._restore_buffers
 
     def _drop_restore_buffers(self) -> None:
         if self._restore_buffers is not None:

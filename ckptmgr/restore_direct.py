@@ -11,7 +11,7 @@ the verified bytes in memory.
 
 Why this is fast: Keras's ``Variable.assign`` of a numpy array makes
 TensorFlow copy it into a fresh tensor. A buffer we read is ours alone, so
-for Keras's own loaders (:func:`_adopts`) the store hands it out as an
+for Keras's own loaders (:func:`adopts`) the store hands it out as an
 :class:`Adoptable` array: when TensorFlow converts it to the variable's
 dtype, it takes the buffer as the tensor's memory (DLPack, no copy). Any
 other loader (user code) gets a plain array, as from Keras. Each buffer is
@@ -145,8 +145,7 @@ def _direct_store_class():
             self._adopt = False
 
         def get(self, path):
-            # _load_state calls get() right before saveable.load_own_variables(store).
-            self._adopt = _adopts(sys._getframe(1).f_locals.get("saveable"))
+            self._adopt = adopts(loading_saveable())
             return super().get(path)
 
         def __getitem__(self, key):
@@ -155,7 +154,7 @@ def _direct_store_class():
                 dataset = checked_dataset(group, key)  # Keras's own checks (no links...)
                 array = self._verified.take(dataset)
                 if array is not None:
-                    return adoptable(array) if self._adopt and _lendable(array) else array
+                    return adoptable(array) if self._adopt and lendable(array) else array
             return super().__getitem__(key)
 
     return DirectStore
@@ -173,7 +172,16 @@ def _keras_loaders() -> frozenset:
     return frozenset(getattr(c, "load_own_variables") for c in classes)
 
 
-def _adopts(saveable) -> bool:
+def loading_saveable() -> Any:
+    """What a reading store's ``get()`` is called for: Keras's ``_load_state``
+    calls it right before ``saveable.load_own_variables(store)``, with the
+    saveable in a local of that name (None if not)."""
+    return sys._getframe(2).f_locals.get("saveable")
+
+
+def adopts(saveable) -> bool:
+    """Whether ``saveable`` loads with one of Keras's own loaders, which may
+    be handed :func:`adoptable` arrays."""
     loader = getattr(type(saveable), "load_own_variables", None)
     try:
         return loader in _keras_loaders()
@@ -212,7 +220,8 @@ def adoptable(array: np.ndarray) -> Adoptable:
     return out
 
 
-def _lendable(array: np.ndarray) -> bool:
+def lendable(array: np.ndarray) -> bool:
+    """Whether TensorFlow can take ``array``'s memory (aligned, contiguous)."""
     return array.ctypes.data % _TF_ALIGN == 0 and array.flags.c_contiguous
 
 
@@ -220,7 +229,7 @@ def _lend(array: np.ndarray, tf) -> Any:
     """A tensor over ``array``'s memory (DLPack), or None if TensorFlow
     cannot take it; types DLPack does not know (bfloat16) travel as
     unsigned integers of their size and are bit-cast back."""
-    if not _lendable(array):
+    if not lendable(array):
         return None  # TensorFlow would abort on a misaligned buffer
     from_dlpack = tf.experimental.dlpack.from_dlpack
     try:

@@ -74,3 +74,42 @@ def test_a_model_that_does_not_fit_is_refused_in_one_line():
     plan = {"step": 1, "meta": {"digest": "x", "time": 0.0}}
     with pytest.raises(IncompatibleCheckpointError, match="does not fit this model"):
         apply_snapshot(other, snapshot, plan, "n")
+
+
+def _aligned_copy(array: np.ndarray) -> np.ndarray:
+    """``array`` in a fresh 64-byte aligned buffer (as a stream reads into)."""
+    raw = np.empty(array.nbytes + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    out = raw[skip:skip + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
+def test_streamed_arrays_become_the_variables_and_object_store_views_are_copied():
+    """A copy streamed into the reader's own buffers is lent to TensorFlow (no
+    second copy of the state); a read-only array (a view of Ray's object
+    store, which its keeper still holds) is never lent: training would write
+    into the keeper's copy."""
+    trained = _mlp()
+    snapshot = plan_for(trained).capture(reuse_buffers=False)
+    kernel_path = "layers/dense/vars"
+    for group in snapshot.groups:
+        group.arrays = [(k, _aligned_copy(a)) for k, a in group.arrays]
+    ours = dict(next(g for g in snapshot.groups if g.path == kernel_path).arrays)["0"]
+    plan = {"step": 1, "meta": {"digest": snapshot_digest(snapshot), "time": 0.0}}
+
+    lent_into = _mlp()
+    apply_snapshot(lent_into, snapshot, plan, "n")
+    assert _address(lent_into.layers[0].kernel) == ours.ctypes.data
+
+    for group in snapshot.groups:
+        for _, array in group.arrays:
+            array.flags.writeable = False
+    copied_into = _mlp()
+    apply_snapshot(copied_into, snapshot, plan, "n")
+    assert _address(copied_into.layers[0].kernel) != ours.ctypes.data
+    np.testing.assert_array_equal(np.asarray(copied_into.layers[0].kernel), ours)
+
+
+def _address(variable) -> int:
+    return variable.value.read_value()._numpy().ctypes.data

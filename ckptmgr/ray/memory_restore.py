@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -40,15 +41,17 @@ def nearest_copy(plan: dict[str, Any]) -> dict[str, str]:
     return next((c for c in plan["copies"] if c["node"] == here), named_copy(plan))
 
 
-def fetch_and_check(plan: dict[str, Any], timeout_s: float,
-                    copy: dict[str, str] | None = None) -> tuple[Any, str | None]:
+def fetch_and_check(plan: dict[str, Any], timeout_s: float, copy: dict[str, str] | None = None,
+                    take: Callable[[int], Any] | None = None) -> tuple[Any, str | None]:
     """(snapshot or None, problem or None) of ``copy`` (``{"keeper",
-    "node"}``, the plan's first copy by default) of the plan's step."""
+    "node"}``, the plan's first copy by default) of the plan's step; a copy
+    streamed from another node is read into buffers from ``take`` (see
+    :func:`ckptmgr.ray.stream.receive_stream`)."""
     from ckptmgr.replicas import snapshot_digest
 
     step, copy = plan["step"], copy or named_copy(plan)
     try:
-        snapshot = _read_copy(step, copy, timeout_s)
+        snapshot = _read_copy(step, copy, timeout_s, take)
     except Exception as exc:  # noqa: BLE001 - a lost keeper or node: another copy, or storage
         return None, f"memory copy of step {step} unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     digest = snapshot_digest(snapshot)
@@ -58,7 +61,7 @@ def fetch_and_check(plan: dict[str, Any], timeout_s: float,
     return snapshot, None
 
 
-def _read_copy(step: int, copy: dict[str, str], timeout_s: float):
+def _read_copy(step: int, copy: dict[str, str], timeout_s: float, take):
     """The keeper's copy of ``step``: from this node's object store when it
     is here (no transfer), else over a stream from the keeper
     (:mod:`ckptmgr.ray.stream`), else through Ray's own transfer."""
@@ -70,7 +73,7 @@ def _read_copy(step: int, copy: dict[str, str], timeout_s: float):
     actor = ray.get_actor(copy["keeper"], namespace=NAMESPACE)
     if copy["node"] != ray.get_runtime_context().get_node_id():
         try:
-            return receive_stream(ray.get(actor.serve.remote(step, timeout_s), timeout=timeout_s), timeout_s)
+            return receive_stream(ray.get(actor.serve.remote(step, timeout_s), timeout=timeout_s), timeout_s, take)
         except (OSError, ray.exceptions.GetTimeoutError) as exc:
             log.warning("memory copy of step %d: no stream from node %s (%s: %s); reading it through "
                         "Ray's object store instead", step, copy["node"][:12], type(exc).__name__, exc)
@@ -94,8 +97,8 @@ def apply_snapshot(model, snapshot, plan: dict[str, Any], node: str) -> Manifest
     from ckptmgr.state import apply_snapshot_arrays, apply_weights, build_if_needed
 
     build_if_needed(model, json.loads(snapshot.config_json))
-    if not snapshot.assets:
-        apply_snapshot_arrays(model, snapshot)
+    if not snapshot.assets:  # arrays streamed into our own buffers are lent, not copied
+        apply_snapshot_arrays(model, snapshot, lend=True)
         return memory_manifest(plan, node, snapshot.nbytes)
     buffer = io.BytesIO()
     write_keras_archive(buffer, snapshot)

@@ -29,6 +29,7 @@ import logging
 import secrets
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -70,45 +71,60 @@ def _large_arrays(snapshot: ModelSnapshot, spec: ModelSnapshot) -> list[np.ndarr
 
 
 def _serve(listener: socket.socket, token: bytes, arrays: list[np.ndarray], timeout_s: float) -> None:
+    conn = _accept_reader(listener, token, timeout_s)
+    if conn is None:
+        return
+    with conn:
+        try:
+            for array in arrays:
+                data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+                for start in range(0, len(data), SEND_BYTES):
+                    conn.sendall(data[start:start + SEND_BYTES])
+        except OSError as exc:
+            log.debug("memory stream: reader went away (%s)", exc)
+
+
+def _accept_reader(listener: socket.socket, token: bytes, timeout_s: float) -> socket.socket | None:
+    """The first connection that sends ``token`` (the listener is closed
+    then: one reader an offer), or None when none came in time."""
     with listener:
         while True:
             try:
                 conn, _ = listener.accept()
-            except OSError:  # timed out (or closed): nobody came, the offer lapses
-                return
-            with conn:
-                conn.settimeout(timeout_s)
-                try:
-                    if not hmac.compare_digest(_read_exactly(conn, TOKEN_BYTES), token):
-                        continue
-                    for array in arrays:
-                        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-                        for start in range(0, len(data), SEND_BYTES):
-                            conn.sendall(data[start:start + SEND_BYTES])
-                except OSError as exc:
-                    log.debug("memory stream: reader went away (%s)", exc)
-                return
+            except OSError:  # timed out: nobody came, the offer lapses
+                return None
+            conn.settimeout(timeout_s)
+            try:
+                if hmac.compare_digest(_read_exactly(conn, TOKEN_BYTES), token):
+                    return conn
+            except OSError:
+                pass
+            conn.close()
 
 
-def receive_stream(offer: dict[str, Any], timeout_s: float) -> ModelSnapshot:
+def receive_stream(offer: dict[str, Any], timeout_s: float,
+                   take: Callable[[int], np.ndarray] | None = None) -> ModelSnapshot:
     """The snapshot an :func:`offer_stream` offer describes, its large arrays
-    read from the stream into fresh arrays. Raises ``OSError`` (a
-    ``ConnectionError`` for a stream that ends early) when it cannot."""
+    read from the stream into buffers from ``take(nbytes)`` (uint8, e.g. a
+    :class:`~ckptmgr.io.direct_read.BufferPool`'s; fresh arrays by default).
+    Raises ``OSError`` (a ``ConnectionError`` for a stream that ends early)
+    when it cannot."""
+    take = take or (lambda nbytes: np.empty(nbytes, np.uint8))
     spec: ModelSnapshot = offer["spec"]
     connect_s = min(CONNECT_TIMEOUT_S, timeout_s)
     with socket.create_connection((offer["host"], offer["port"]), timeout=connect_s) as conn:
         conn.settimeout(timeout_s)
         conn.sendall(offer["token"])
-        groups = [VarGroup(g.path, dict(g.attrs), [(key, _receive(conn, a) if isinstance(a, ArraySpec) else a)
+        groups = [VarGroup(g.path, dict(g.attrs), [(key, _receive(conn, a, take) if isinstance(a, ArraySpec) else a)
                                                    for key, a in g.arrays])
                   for g in spec.groups]
     return ModelSnapshot(spec.config_json, spec.metadata_json, groups, dict(spec.assets))
 
 
-def _receive(conn: socket.socket, spec: ArraySpec) -> np.ndarray:
-    array = np.empty(spec.shape, dtype=spec.dtype)
-    _read_into(conn, memoryview(array.reshape(-1).view(np.uint8)))
-    return array
+def _receive(conn: socket.socket, spec: ArraySpec, take: Callable[[int], np.ndarray]) -> np.ndarray:
+    buffer = take(spec.nbytes)
+    _read_into(conn, memoryview(buffer))
+    return buffer.view(spec.dtype).reshape(spec.shape)
 
 
 def _read_exactly(conn: socket.socket, nbytes: int) -> bytes:
