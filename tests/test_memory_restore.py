@@ -113,3 +113,22 @@ def test_streamed_arrays_become_the_variables_and_object_store_views_are_copied(
 
 def _address(variable) -> int:
     return variable.value.read_value()._numpy().ctypes.data
+
+
+def test_object_store_views_are_copied_into_the_restore_buffers_to_be_lent():
+    from ckptmgr.io.direct_read import BufferPool
+    from ckptmgr.ray.memory_restore import _into_buffers
+
+    wide = keras.Sequential([keras.Input((256,)), keras.layers.Dense(256)])  # a 256 KB kernel
+    wide.compile(optimizer="adam", loss="mse")
+    snapshot = plan_for(wide).capture(reuse_buffers=False)
+    digest = snapshot_digest(snapshot)
+    for group in snapshot.groups:
+        for _, array in group.arrays:
+            array.flags.writeable = False  # as Ray's zero-copy views are
+    pool = BufferPool()
+    pool.begin()
+    big = [a for g in _into_buffers(snapshot, pool.take).groups for _, a in g.arrays if a.nbytes >= 64 * 1024]
+    assert snapshot_digest(snapshot) == digest
+    assert big and all(a.flags.writeable and a.ctypes.data % 64 == 0 for a in big)
+    assert len(big) == 1  # the kernel (the optimizer is not built yet)

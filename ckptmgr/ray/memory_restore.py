@@ -78,7 +78,26 @@ def _read_copy(step: int, copy: dict[str, str], timeout_s: float, take):
             log.warning("memory copy of step %d: no stream from node %s (%s: %s); reading it through "
                         "Ray's object store instead", step, copy["node"][:12], type(exc).__name__, exc)
     refs = ray.get(actor.fetch.remote(step), timeout=timeout_s)
-    return ray.get(refs[0], timeout=timeout_s)
+    snapshot = ray.get(refs[0], timeout=timeout_s)
+    return snapshot if take is None else _into_buffers(snapshot, take)
+
+
+def _into_buffers(snapshot, take):
+    """``snapshot`` with its large read-only arrays (views of the object
+    store) copied into buffers from ``take``: those can be lent to the
+    variables (no fresh memory for TensorFlow's own copy; a pool's buffers
+    are already mapped when restores repeat), and the object is let go."""
+    import numpy as np
+
+    from ckptmgr.io.snapshot import INLINE_BYTES
+
+    for group in snapshot.groups:
+        for index, (key, array) in enumerate(group.arrays):
+            if array.nbytes >= INLINE_BYTES and not array.flags.writeable:
+                buffer = take(array.nbytes).view(array.dtype).reshape(array.shape)
+                np.copyto(buffer, array)
+                group.arrays[index] = (key, buffer)
+    return snapshot
 
 
 def apply_snapshot(model, snapshot, plan: dict[str, Any], node: str) -> Manifest:
