@@ -118,6 +118,28 @@ def test_copies_live_on_two_nodes_other_than_the_producer(cluster, tmp_path):
     _kill_run(directory)
 
 
+def test_a_keeper_makes_room_before_it_puts_its_copy(cluster, monkeypatch):
+    """While a keeper puts its copy of a new step its node also holds the
+    pulled one: it held retain + 2 copies at that moment (the object store
+    spilled to disk); now the oldest is dropped first (retain + 1)."""
+    from ckptmgr.ray.keepers import Keeper
+
+    keeper = Keeper("memory://room", retain=2)
+    held_at_put: list[list[int]] = []
+    real_put = ray.put
+
+    def recording_put(value, *args, **kwargs):
+        held_at_put.append(sorted(keeper._held))
+        return real_put(value, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "put", recording_put)
+    for step in (1, 2, 3, 4):
+        snap = _snapshot(float(step))
+        keeper.keep(step, [real_put(snap)], {"digest": snapshot_digest(snap)})
+    assert held_at_put == [[], [1], [2], [3]]
+    assert [m["step"] for m in keeper.held()] == [3, 4]
+
+
 def test_lost_coordinator_node_and_replica_other_copy_serves(cluster, tmp_path):
     c, nodes = cluster
     directory = str(tmp_path / "run")

@@ -66,6 +66,7 @@ class Keeper:
         if digest != meta["digest"]:
             raise ValueError(f"memory snapshot of step {step} arrived damaged "
                              f"(digest {digest[:12]} vs {meta['digest'][:12]}); not kept")
+        self._make_room(step)
         own = ray.put(snapshot)  # our copy, in this node's object store
         del snapshot
         self._held[step] = ([own], dict(meta, node=self.node_id(), kept_at=time.time()))
@@ -73,6 +74,16 @@ class Keeper:
             del self._held[old]
         return {"step": step, "node": self._held[step][1]["node"],
                 "keep_s": time.perf_counter() - started, "pull_s": pulled - started}
+
+    def _make_room(self, step: int) -> None:
+        """Drop the oldest held steps *before* ``step``'s copy is put, keeping
+        ``retain - 1`` (at least 1): while it is put this node holds the
+        pulled copy too, so the peak is ``retain + 1`` copies, not ``retain + 2``
+        (an object store that overflows spills to disk: seconds per GB, in the
+        middle of an emergency snapshot)."""
+        others = sorted(s for s in self._held if s != step)
+        for old in others[:max(0, len(others) - max(1, self.retain - 1))]:
+            del self._held[old]
 
     def held(self) -> list[dict]:
         """Metadata of every held step, oldest first."""
