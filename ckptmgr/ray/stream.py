@@ -29,6 +29,7 @@ import logging
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +57,6 @@ def offer_stream(snapshot: ModelSnapshot, timeout_s: float) -> dict[str, Any]:
 
     host = ray.util.get_node_ip_address()
     listener = socket.create_server((host, 0))
-    listener.settimeout(timeout_s)
     token, spec = secrets.token_bytes(TOKEN_BYTES), snapshot.spec()
     threading.Thread(target=_serve, args=(listener, token, _large_arrays(snapshot, spec), timeout_s),
                      name="ckptmgr-stream", daemon=True).start()
@@ -85,21 +85,26 @@ def _serve(listener: socket.socket, token: bytes, arrays: list[np.ndarray], time
 
 
 def _accept_reader(listener: socket.socket, token: bytes, timeout_s: float) -> socket.socket | None:
-    """The first connection that sends ``token`` (the listener is closed
-    then: one reader an offer), or None when none came in time."""
+    """The first connection that sends ``token`` within ``timeout_s`` (the
+    listener is closed then: one reader an offer), or None when none did;
+    connections with a wrong token do not extend the wait."""
+    deadline = time.monotonic() + timeout_s
     with listener:
-        while True:
+        while (left := deadline - time.monotonic()) > 0:
+            listener.settimeout(left)
             try:
                 conn, _ = listener.accept()
             except OSError:  # timed out: nobody came, the offer lapses
                 return None
-            conn.settimeout(timeout_s)
             try:
+                conn.settimeout(max(0.001, deadline - time.monotonic()))
                 if hmac.compare_digest(_read_exactly(conn, TOKEN_BYTES), token):
+                    conn.settimeout(timeout_s)
                     return conn
             except OSError:
                 pass
             conn.close()
+    return None
 
 
 def receive_stream(offer: dict[str, Any], timeout_s: float,
