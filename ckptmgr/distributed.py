@@ -182,26 +182,20 @@ class CoordinatorClient:
         """(the newest memory copy every rank verified, applied; None when the
         newest good snapshot is in storage or none is, with the plan that
         said so), starting from ``plan``."""
-        from ckptmgr.ray.memory_restore import apply_snapshot, fetch_and_check, named_copy, nearest_copy
+        from ckptmgr.ray.memory_restore import named_copy, nearest_copy, restore_copy
 
         if plan is None or plan["tier"] != "memory":
             return None, plan
-        pool = self._reader.restore_buffers()  # a copy streamed here is read into these
-        pool.begin()
-        try:
-            while True:
-                copy = nearest_copy(plan)
-                snapshot, problem = fetch_and_check(plan, self.options.save_timeout_s, copy, pool.take)
-                verdict = self._call("memory_vote", plan["step"], named_copy(plan)["keeper"], self.rank,
-                                     problem, self.options.save_timeout_s, copy["keeper"])
-                if verdict is None:
-                    break
-                plan = self.restore_plan()
-                if plan is None or plan["tier"] != "memory":
-                    return None, plan
-            manifest = apply_snapshot(model, snapshot, plan, copy["node"])
-        finally:
-            pool.release_later()
+        while True:  # a copy that fails may be partly loaded: the next candidate overwrites it
+            copy = nearest_copy(plan)
+            manifest, problem = restore_copy(model, plan, copy, self.options.save_timeout_s)
+            verdict = self._call("memory_vote", plan["step"], named_copy(plan)["keeper"], self.rank,
+                                 problem, self.options.save_timeout_s, copy["keeper"])
+            if verdict is None:
+                break
+            plan = self.restore_plan()
+            if plan is None or plan["tier"] != "memory":
+                return None, plan
         self._resumed_from, self.restored_tier = plan["step"], "memory"
         self.restored_node = copy["node"]
         if self.rank == 0:

@@ -56,22 +56,30 @@ def shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * rows // world_size, (rank + 1) * rows // world_size
 
 
-def snapshot_digest(snapshot, exclude: frozenset[str] = frozenset()) -> str:
+def snapshot_digest(snapshot, exclude: frozenset[str] = frozenset(),
+                    crcs: dict[str, int] | None = None) -> str:
     """A fingerprint of the replicated state, to prove replicas agree (worker side).
 
     sha256 over every array's path, shape, dtype and CRC32, and every asset
     file's path, size and CRC32. It detects divergence (it is not a defence
     against an adversary), at ISA-L CRC32 speed (~30 GB/s), on every rank of
-    every save.
+    every save. ``crcs``: the arrays' CRC32s by path, computed as they were
+    read (a snapshot streamed array by array holds only their specs).
     """
     digest = hashlib.sha256()
     for group in snapshot.groups:
         for key, array in group.arrays:
-            if f"{group.path}/{key}" in exclude:
+            name = f"{group.path}/{key}"
+            if name in exclude:
                 continue
-            crc = crc32(memoryview(array.reshape(-1).view("uint8")))
-            digest.update(f"{group.path}/{key}:{array.shape}:{array.dtype}:{crc:08x}".encode())
+            crc = crcs[name] if crcs is not None else array_crc(array)
+            digest.update(f"{name}:{tuple(array.shape)}:{array.dtype}:{crc:08x}".encode())
     for name in sorted(snapshot.assets):
         data = snapshot.assets[name]
         digest.update(f"assets/{name}:{len(data)}:{crc32(data):08x}".encode())
     return digest.hexdigest()
+
+
+def array_crc(array) -> int:
+    """The CRC32 of an array's bytes, as :func:`snapshot_digest` takes it."""
+    return crc32(memoryview(array.reshape(-1).view("uint8")))

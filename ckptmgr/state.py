@@ -24,6 +24,7 @@ import json
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,41 +311,36 @@ def apply_weights(model, h5file) -> None:
         _load_state(model, keras_compat.reading_store_class()(h5file), assets)
 
 
-def apply_snapshot_arrays(model, snapshot: ModelSnapshot, *, lend: bool = False) -> None:
+def apply_snapshot_arrays(model, snapshot: ModelSnapshot, *,
+                          resolve: Callable[[str, Any], Any] | None = None) -> None:
     """Load a snapshot's arrays (weights and optimizer state) into ``model``
     straight from host memory, through the same Keras traversal as an archive
     (the memory tier's restore: no archive is laid out). Assets need files:
     a snapshot with assets goes through its archive instead.
 
-    ``lend``: the caller gives up the snapshot's writable arrays (read from a
-    stream into its own buffers): Keras's own loaders get them as adoptable
-    arrays, so TensorFlow takes their memory instead of copying (see
-    :mod:`ckptmgr.restore_direct`); each array is lent once. Read-only arrays
-    (views of Ray's object store, shared with their keeper) are never lent."""
-    from ckptmgr.restore_direct import adoptable, adopts, lendable, loading_saveable
-
+    ``resolve(name, value)``: the array to load for ``name`` (``group
+    path/key``) when Keras's loader asks for it, given the snapshot's value
+    there (an array, or an :class:`~ckptmgr.io.snapshot.ArraySpec` whose data
+    is read only then: a stream). Each variable's ``assign`` copies into its
+    own memory, so the arrays may be views of Ray's object store."""
     if snapshot.assets:
         raise ValueError("a snapshot with assets is applied through its archive")
     groups = {group.path: dict(group.arrays) for group in snapshot.groups}
-    lent: set[int] = set()
 
     class _SnapshotStore(keras_compat.reading_store_class()):
         """No HDF5 file: the arrays are the snapshot's."""
 
         def get(self, path):
-            self._h5_entry_group = groups.get(f"{path}/vars" if path else "vars", {})
-            self._lend = lend and adopts(loading_saveable())
+            self._group_path = f"{path}/vars" if path else "vars"
+            self._h5_entry_group = groups.get(self._group_path, {})
             return self
 
         def has_path(self, path):
             return any(p == path or p.startswith(f"{path}/") for p in groups)
 
         def __getitem__(self, key):
-            array = self._h5_entry_group[key]
-            if self._lend and array.flags.writeable and id(array) not in lent and lendable(array):
-                lent.add(id(array))
-                return adoptable(array)
-            return array
+            value = self._h5_entry_group[key]
+            return value if resolve is None else resolve(f"{self._group_path}/{key}", value)
 
         def __len__(self):
             return len(self._h5_entry_group)

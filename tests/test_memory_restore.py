@@ -76,59 +76,113 @@ def test_a_model_that_does_not_fit_is_refused_in_one_line():
         apply_snapshot(other, snapshot, plan, "n")
 
 
-def _aligned_copy(array: np.ndarray) -> np.ndarray:
-    """``array`` in a fresh 64-byte aligned buffer (as a stream reads into)."""
-    raw = np.empty(array.nbytes + 64, np.uint8)
-    skip = -raw.ctypes.data % 64
-    out = raw[skip:skip + array.nbytes].view(array.dtype).reshape(array.shape)
-    out[...] = array
-    return out
+def _wide():
+    """An MLP whose kernels and Adam slots (256 KB each) are streamed, not inlined."""
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(256, activation="relu"),
+                              keras.layers.Dense(256), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    return model
 
 
-def test_streamed_arrays_become_the_variables_and_object_store_views_are_copied():
-    """A copy streamed into the reader's own buffers is lent to TensorFlow (no
-    second copy of the state); a read-only array (a view of Ray's object
-    store, which its keeper still holds) is never lent: training would write
-    into the keeper's copy."""
-    trained = _mlp()
+def _trained_wide():
+    trained = _wide()
+    x = np.random.default_rng(0).normal(size=(16, 256))
+    trained.fit(x, np.ones((16, 2)), epochs=1, batch_size=8, verbose=0)
     snapshot = plan_for(trained).capture(reuse_buffers=False)
-    kernel_path = "layers/dense/vars"
-    for group in snapshot.groups:
-        group.arrays = [(k, _aligned_copy(a)) for k, a in group.arrays]
-    ours = dict(next(g for g in snapshot.groups if g.path == kernel_path).arrays)["0"]
-    plan = {"step": 1, "meta": {"digest": snapshot_digest(snapshot), "time": 0.0}}
-
-    lent_into = _mlp()
-    apply_snapshot(lent_into, snapshot, plan, "n")
-    assert _address(lent_into.layers[0].kernel) == ours.ctypes.data
-
-    for group in snapshot.groups:
-        for _, array in group.arrays:
-            array.flags.writeable = False
-    copied_into = _mlp()
-    apply_snapshot(copied_into, snapshot, plan, "n")
-    assert _address(copied_into.layers[0].kernel) != ours.ctypes.data
-    np.testing.assert_array_equal(np.asarray(copied_into.layers[0].kernel), ours)
+    return trained, snapshot, {"step": 4, "meta": {"digest": snapshot_digest(snapshot), "time": 0.0}}
 
 
-def _address(variable) -> int:
-    return variable.value.read_value()._numpy().ctypes.data
-
-
-def test_object_store_views_are_copied_into_the_restore_buffers_to_be_lent():
+def test_a_streamed_copy_is_loaded_array_by_array_through_a_few_reused_buffers():
+    """A copy from another node needs memory for its largest arrays, not a
+    second copy of the state: each array is copied into its variable as it
+    arrives and its buffer is read into again."""
     from ckptmgr.io.direct_read import BufferPool
-    from ckptmgr.ray.memory_restore import _into_buffers
+    from ckptmgr.io.snapshot import INLINE_BYTES
+    from ckptmgr.ray import stream
+    from ckptmgr.ray.memory_restore import _CopyReader, _load
 
-    wide = keras.Sequential([keras.Input((256,)), keras.layers.Dense(256)])  # a 256 KB kernel
-    wide.compile(optimizer="adam", loss="mse")
-    snapshot = plan_for(wide).capture(reuse_buffers=False)
-    digest = snapshot_digest(snapshot)
+    trained, snapshot, plan = _trained_wide()
+    streamed = [a for g in snapshot.groups for _, a in g.arrays if a.nbytes >= INLINE_BYTES]
+    assert len(streamed) >= 6  # two kernels, their Adam slots
+
+    pool = BufferPool()
+    restored = _wide()
+    offer = stream.offer_stream(snapshot, timeout_s=30)
+    with _CopyReader(offer["spec"], stream.StreamReader(offer, 30, pool.take)) as reader:
+        manifest = _load(restored, reader, plan, "n")
+    assert manifest is not None and manifest.extra["memory_bytes"] == snapshot.nbytes
+    for got, want in zip(_state(restored), _state(trained), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert pool.nbytes <= 2 * (256 * 256 * 4 + 64) < sum(a.nbytes for a in streamed) / 2
+
+
+def test_a_copy_damaged_in_transit_is_reported_and_its_model_left_to_be_overwritten():
+    from ckptmgr.ray import stream
+    from ckptmgr.ray.memory_restore import _CopyReader, _load
+
+    _, snapshot, plan = _trained_wide()
+    kernel = dict(next(g for g in snapshot.groups if g.path == "layers/dense/vars").arrays)["0"]
+    kernel.reshape(-1).view(np.uint8)[12345] ^= 0x10  # one bit, after the digest was taken
+    offer = stream.offer_stream(snapshot, timeout_s=30)
+    with _CopyReader(offer["spec"], stream.StreamReader(offer, 30)) as reader:
+        assert _load(_wide(), reader, plan, "n") is None
+        assert reader.digest() != plan["meta"]["digest"]
+
+
+def test_object_store_views_are_copied_into_the_variables_never_aliased():
+    """A read-only array (a view of Ray's object store, which its keeper still
+    holds) is copied: training after the restore must not write into the
+    keeper's copy."""
+    trained, snapshot, plan = _trained_wide()
     for group in snapshot.groups:
         for _, array in group.arrays:
             array.flags.writeable = False  # as Ray's zero-copy views are
-    pool = BufferPool()
-    pool.begin()
-    big = [a for g in _into_buffers(snapshot, pool.take).groups for _, a in g.arrays if a.nbytes >= 64 * 1024]
-    assert snapshot_digest(snapshot) == digest
-    assert big and all(a.flags.writeable and a.ctypes.data % 64 == 0 for a in big)
-    assert len(big) == 1  # the kernel (the optimizer is not built yet)
+    before = snapshot_digest(snapshot)
+    restored = _wide()
+    apply_snapshot(restored, snapshot, plan, "n")
+    for got, want in zip(_state(restored), _state(trained), strict=True):
+        np.testing.assert_array_equal(got, want)
+    restored.fit(np.ones((8, 256)), np.zeros((8, 2)), epochs=1, batch_size=8, verbose=0)
+    assert snapshot_digest(snapshot) == before
+    kernel = dict(next(g for g in snapshot.groups if g.path == "layers/dense/vars").arrays)["0"]
+    assert not np.array_equal(np.asarray(restored.layers[0].kernel), kernel)
+
+
+def test_a_streamed_copy_with_assets_is_checked_whole_before_it_is_loaded():
+    """Keras reads assets (a vocabulary) from files: such a copy is laid out
+    as an archive, so it is read whole and its digest checked first; a
+    damaged one loads nothing."""
+    from ckptmgr.ray import stream
+    from ckptmgr.ray.memory_restore import _CopyReader, _load
+
+    def build(vocabulary):
+        inputs = keras.Input((1,), dtype="string")
+        lookup = keras.layers.StringLookup()
+        lookup.adapt(vocabulary)  # an adapted vocabulary is saved as an asset file
+        ids = lookup(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Embedding(8, 300)(ids)))
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    saved = build(["a", "b", "c"])
+    snapshot = plan_for(saved).capture(reuse_buffers=False)
+    assert snapshot.assets
+    plan = {"step": 2, "meta": {"digest": snapshot_digest(snapshot), "time": 0.0}}
+    restored = build(["x"])
+    offer = stream.offer_stream(snapshot, timeout_s=30)
+    with _CopyReader(offer["spec"], stream.StreamReader(offer, 30)) as reader:
+        assert _load(restored, reader, plan, "n") is not None
+    assert restored.layers[1].get_vocabulary() == saved.layers[1].get_vocabulary()
+    np.testing.assert_array_equal(np.asarray(restored.layers[2].embeddings), np.asarray(saved.layers[2].embeddings))
+
+    embeddings = dict(next(g for g in snapshot.groups if g.path.endswith("embedding/vars")).arrays)["0"]
+    assert embeddings.nbytes >= 8 * 300 * 4  # streamed, not inlined
+    embeddings.reshape(-1).view(np.uint8)[7] ^= 1
+    untouched = build(["x"])
+    before = np.asarray(untouched.layers[2].embeddings).copy()
+    offer = stream.offer_stream(snapshot, timeout_s=30)
+    with _CopyReader(offer["spec"], stream.StreamReader(offer, 30)) as reader:
+        assert _load(untouched, reader, plan, "n") is None
+    np.testing.assert_array_equal(np.asarray(untouched.layers[2].embeddings), before)
+    assert untouched.layers[1].get_vocabulary() == ["[UNK]", "x"]

@@ -48,8 +48,8 @@ def test_a_stream_delivers_the_snapshot_bit_for_bit():
 def test_a_wrong_token_gets_nothing_and_the_reader_with_the_right_one_still_does():
     sent = _snapshot()
     offer = stream.offer_stream(sent, timeout_s=30)
-    with pytest.raises(ConnectionError, match="ended after 0 of"):
-        stream.receive_stream(dict(offer, token=bytes(stream.TOKEN_BYTES)), timeout_s=30)
+    with pytest.raises(ConnectionError, match="memory stream refused"):  # at once, before any array
+        stream.StreamReader(dict(offer, token=bytes(stream.TOKEN_BYTES)), timeout_s=30)
     assert snapshot_digest(stream.receive_stream(offer, timeout_s=30)) == snapshot_digest(sent)
 
 
@@ -75,9 +75,22 @@ def test_a_stream_cut_short_is_an_error_naming_how_far_it_got():
             conn, _ = fake.accept()
             with conn:
                 conn.recv(stream.TOKEN_BYTES)
-                conn.sendall(b"\0" * 100)
+                conn.sendall(stream.ACK + b"\0" * 100)
 
         threading.Thread(target=cut, daemon=True).start()
         fake_offer = dict(offer, host="127.0.0.1", port=fake.getsockname()[1])
         with pytest.raises(ConnectionError, match="ended after 100 of 600000 bytes"):
             stream.receive_stream(fake_offer, timeout_s=30)
+
+
+def test_arrays_asked_for_out_of_order_are_read_ahead_and_each_is_read_once():
+    sent = _snapshot()
+    with stream.StreamReader(stream.offer_stream(sent, timeout_s=30), timeout_s=30) as reader:
+        wide = reader.array("optimizer/vars/1")  # the last one in the stream: the others are read ahead
+        big = reader.array("layers/dense/vars/0")
+        with pytest.raises(KeyError, match="read already"):
+            reader.array("layers/dense/vars/0")
+        odd = reader.array("optimizer/vars/0")
+    np.testing.assert_array_equal(wide, sent.groups[1].arrays[1][1])
+    np.testing.assert_array_equal(big, sent.groups[0].arrays[0][1])
+    np.testing.assert_array_equal(odd, sent.groups[1].arrays[0][1])

@@ -1,24 +1,36 @@
 """Worker side of the memory tier: restore a snapshot a keeper holds.
 
-Every rank pulls the copy the coordinator names, recomputes its digest (the
-one every rank agreed on when it was saved) and votes; only when all ranks
-found it intact is it applied, exactly as a stored archive would be: the
-snapshot is laid out as the same ``.keras`` archive in memory and loaded
-through the same code, so a restore from memory and one from storage leave a
-model in the same state, bit for bit.
+Every rank reads the copy the coordinator names (its own node's when it has
+one) and loads it through Keras's own traversal, exactly as a stored archive
+would be loaded, so a restore from memory and one from storage leave a model
+in the same state, bit for bit. A copy on another node is streamed array by
+array into a few reused buffers and each array is copied into its variable
+as it arrives: the restore needs memory for its largest arrays, not a second
+copy of the state (on a fresh process that memory would first have to be
+faulted in, seconds per GB on some virtual machines).
+
+Each array's CRC is taken as it is loaded; the digest of all of them must
+equal the one every rank agreed on when the snapshot was saved. A copy that
+fails (damaged, cut short) may have been partly loaded: the rank votes
+against it and every rank goes on to the next candidate, another copy or a
+stored checkpoint, whose restore overwrites every variable; when none is
+left the restore raises (:meth:`ckptmgr.distributed.CoordinatorClient.restore`),
+so a partly loaded model is never trained from.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
-from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from ckptmgr.errors import IncompatibleCheckpointError
 from ckptmgr.io.checksums import CHUNK_BYTES
 from ckptmgr.io.layout import archive_name
 from ckptmgr.io.manifest import FileEntry, LoopState, Manifest
+from ckptmgr.io.snapshot import ArraySpec, ModelSnapshot, VarGroup
 
 log = logging.getLogger("ckptmgr")
 
@@ -41,89 +53,155 @@ def nearest_copy(plan: dict[str, Any]) -> dict[str, str]:
     return next((c for c in plan["copies"] if c["node"] == here), named_copy(plan))
 
 
-def fetch_and_check(plan: dict[str, Any], timeout_s: float, copy: dict[str, str] | None = None,
-                    take: Callable[[int], Any] | None = None) -> tuple[Any, str | None]:
-    """(snapshot or None, problem or None) of ``copy`` (``{"keeper",
-    "node"}``, the plan's first copy by default) of the plan's step; a copy
-    streamed from another node is read into buffers from ``take`` (see
-    :func:`ckptmgr.ray.stream.receive_stream`)."""
-    from ckptmgr.replicas import snapshot_digest
+def restore_copy(model, plan: dict[str, Any], copy: dict[str, str],
+                 timeout_s: float) -> tuple[Manifest | None, str | None]:
+    """Load ``copy`` (``{"keeper", "node"}``) of the plan's step into
+    ``model``: (its manifest, None), or (None, the problem) when the copy is
+    unreadable or damaged, and the model may be partly loaded (see the
+    module's docstring). A model that does not fit raises."""
+    step, reader = plan["step"], None
+    try:
+        reader = _open_copy(step, copy, timeout_s)
+        with reader:
+            manifest = _load(model, reader, plan, copy["node"])
+    except Exception as exc:  # noqa: BLE001 - a lost keeper or node: another copy, or storage
+        failure = reader.failure if reader is not None else None  # Keras's loader reports it as a misfit
+        if failure is None and isinstance(exc, IncompatibleCheckpointError):
+            raise
+        return None, _unreadable(step, failure or exc)
+    return (manifest, None) if manifest else (None, _damaged(plan, reader.digest()))
 
+
+def fetch_and_check(plan: dict[str, Any], timeout_s: float,
+                    copy: dict[str, str] | None = None) -> tuple[ModelSnapshot | None, str | None]:
+    """(the whole snapshot of ``copy`` of the plan's step (the plan's first
+    copy by default), or None; the problem, or None): read and checked
+    against the plan's digest, nothing loaded."""
     step, copy = plan["step"], copy or named_copy(plan)
     try:
-        snapshot = _read_copy(step, copy, timeout_s, take)
-    except Exception as exc:  # noqa: BLE001 - a lost keeper or node: another copy, or storage
-        return None, f"memory copy of step {step} unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-    digest = snapshot_digest(snapshot)
-    if digest != plan["meta"]["digest"]:
-        return None, (f"memory copy of step {step} is damaged: digest {digest[:12]} differs from "
-                      f"{plan['meta']['digest'][:12]} recorded when it was saved")
+        with _open_copy(step, copy, timeout_s) as reader:
+            snapshot = reader.whole()
+    except Exception as exc:  # noqa: BLE001 - a lost keeper or node
+        return None, _unreadable(step, exc)
+    if reader.digest() != plan["meta"]["digest"]:
+        return None, _damaged(plan, reader.digest())
     return snapshot, None
 
 
-def _read_copy(step: int, copy: dict[str, str], timeout_s: float, take):
-    """The keeper's copy of ``step``: from this node's object store when it
-    is here (no transfer), else over a stream from the keeper
-    (:mod:`ckptmgr.ray.stream`), else through Ray's own transfer."""
-    import ray
-
-    from ckptmgr.ray.keepers import NAMESPACE
-    from ckptmgr.ray.stream import receive_stream
-
-    actor = ray.get_actor(copy["keeper"], namespace=NAMESPACE)
-    if copy["node"] != ray.get_runtime_context().get_node_id():
-        try:
-            return receive_stream(ray.get(actor.serve.remote(step, timeout_s), timeout=timeout_s), timeout_s, take)
-        except (OSError, ray.exceptions.GetTimeoutError) as exc:
-            log.warning("memory copy of step %d: no stream from node %s (%s: %s); reading it through "
-                        "Ray's object store instead", step, copy["node"][:12], type(exc).__name__, exc)
-    refs = ray.get(actor.fetch.remote(step), timeout=timeout_s)
-    snapshot = ray.get(refs[0], timeout=timeout_s)
-    return snapshot if take is None else _into_buffers(snapshot, take)
+def apply_snapshot(model, snapshot: ModelSnapshot, plan: dict[str, Any], node: str) -> Manifest:
+    """Load a whole ``snapshot`` (the plan's step, read from ``node`` and
+    checked) into ``model``, and the manifest a stored checkpoint of it would
+    carry (``extra.tier``, ``extra.node``)."""
+    return _load(model, _CopyReader(snapshot), plan, node, check=False)
 
 
-def _into_buffers(snapshot, take):
-    """``snapshot`` with its large read-only arrays (views of the object
-    store) copied into buffers from ``take``: those can be lent to the
-    variables (no fresh memory for TensorFlow's own copy; a pool's buffers
-    are already mapped when restores repeat), and the object is let go."""
-    import numpy as np
-
-    from ckptmgr.io.snapshot import INLINE_BYTES
-
-    for group in snapshot.groups:
-        for index, (key, array) in enumerate(group.arrays):
-            if array.nbytes >= INLINE_BYTES and not array.flags.writeable:
-                buffer = take(array.nbytes).view(array.dtype).reshape(array.shape)
-                np.copyto(buffer, array)
-                group.arrays[index] = (key, buffer)
-    return snapshot
-
-
-def apply_snapshot(model, snapshot, plan: dict[str, Any], node: str) -> Manifest:
-    """Load ``snapshot`` (the plan's step, read from ``node``) into ``model``
-    as a restore of its archive would, and the manifest a stored checkpoint
-    of it would carry (``extra.tier``, ``extra.node``).
+def _load(model, reader: "_CopyReader", plan: dict[str, Any], node: str, check: bool = True) -> Manifest | None:
+    """Load the copy ``reader`` reads into ``model``; its manifest, or None
+    when ``check`` and the digest of what was loaded is not the plan's.
 
     The arrays go straight from host memory through Keras's own traversal
     (:func:`ckptmgr.state.apply_snapshot_arrays`); only a model with assets
     (vocabulary files) has its archive laid out in memory first, because
-    Keras reads assets from files."""
-    import json
-
+    Keras reads assets from files: that copy is checked before it is loaded."""
     from ckptmgr.io.archive import open_weights
     from ckptmgr.io.archive_plan import write_keras_archive
     from ckptmgr.state import apply_snapshot_arrays, apply_weights, build_if_needed
 
-    build_if_needed(model, json.loads(snapshot.config_json))
-    if not snapshot.assets:  # arrays streamed into our own buffers are lent, not copied
-        apply_snapshot_arrays(model, snapshot, lend=True)
-        return memory_manifest(plan, node, snapshot.nbytes)
+    digest = plan["meta"]["digest"]
+    build_if_needed(model, json.loads(reader.spec.config_json))
+    if not reader.spec.assets:
+        apply_snapshot_arrays(model, reader.spec, resolve=reader.array)
+        return memory_manifest(plan, node, reader.spec.nbytes) if not check or reader.digest() == digest else None
+    snapshot = reader.whole()
+    if check and reader.digest() != digest:
+        return None
     buffer = io.BytesIO()
     write_keras_archive(buffer, snapshot)
     with open_weights(buffer) as h5:
         apply_weights(model, h5)
     return memory_manifest(plan, node, buffer.getbuffer().nbytes)
+
+
+class _CopyReader:
+    """The arrays of one memory copy as they are asked for, each CRC'd on the
+    way: the digest of what was read. ``spec`` is the snapshot, its large
+    arrays :class:`~ckptmgr.io.snapshot.ArraySpec` placeholders when they
+    come from ``stream``; ``failure`` the error a read raised, if any."""
+
+    def __init__(self, spec: ModelSnapshot, stream=None):
+        self.spec, self._stream = spec, stream
+        self._crcs: dict[str, int] = {}
+        self._digest: str | None = None
+        self.failure: Exception | None = None
+
+    def array(self, name: str, value):
+        from ckptmgr.replicas import array_crc
+
+        if isinstance(value, ArraySpec):
+            try:
+                value = self._stream.array(name)
+            except Exception as exc:
+                self.failure = exc
+                raise
+        self._crcs[name] = array_crc(value)
+        return value
+
+    def whole(self) -> ModelSnapshot:
+        """The snapshot with every array read."""
+        groups = [VarGroup(g.path, dict(g.attrs), [(key, self.array(f"{g.path}/{key}", a)) for key, a in g.arrays])
+                  for g in self.spec.groups]
+        return ModelSnapshot(self.spec.config_json, self.spec.metadata_json, groups, dict(self.spec.assets))
+
+    def digest(self) -> str:
+        """The digest of the whole copy (arrays Keras never asked for are read now)."""
+        from ckptmgr.replicas import snapshot_digest
+
+        if self._digest is None:
+            for group in self.spec.groups:
+                for key, value in group.arrays:
+                    if f"{group.path}/{key}" not in self._crcs:
+                        self.array(f"{group.path}/{key}", value)
+            self._digest = snapshot_digest(self.spec, crcs=self._crcs)
+        return self._digest
+
+    def __enter__(self) -> "_CopyReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+
+def _open_copy(step: int, copy: dict[str, str], timeout_s: float) -> _CopyReader:
+    """A reader of the keeper's copy of ``step``: this node's object store
+    when the copy is here (no transfer), else a stream from the keeper
+    (:mod:`ckptmgr.ray.stream`) into a few reused buffers, else Ray's own
+    transfer when the stream cannot be opened."""
+    import ray
+
+    from ckptmgr.io.direct_read import BufferPool
+    from ckptmgr.ray.keepers import NAMESPACE
+    from ckptmgr.ray.stream import StreamReader
+
+    actor = ray.get_actor(copy["keeper"], namespace=NAMESPACE)
+    if copy["node"] != ray.get_runtime_context().get_node_id():
+        try:
+            offer = ray.get(actor.serve.remote(step, timeout_s), timeout=timeout_s)
+            return _CopyReader(offer["spec"], StreamReader(offer, timeout_s, BufferPool().take))
+        except (OSError, ray.exceptions.GetTimeoutError) as exc:
+            log.warning("memory copy of step %d: no stream from node %s (%s: %s); reading it through "
+                        "Ray's object store instead", step, copy["node"][:12], type(exc).__name__, exc)
+    refs = ray.get(actor.fetch.remote(step), timeout=timeout_s)
+    return _CopyReader(ray.get(refs[0], timeout=timeout_s))
+
+
+def _unreadable(step: int, exc: BaseException) -> str:
+    return f"memory copy of step {step} unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+
+
+def _damaged(plan: dict[str, Any], digest: str) -> str:
+    return (f"memory copy of step {plan['step']} is damaged: digest {digest[:12]} differs from "
+            f"{plan['meta']['digest'][:12]} recorded when it was saved")
 
 
 def memory_manifest(plan: dict[str, Any], node: str, nbytes: int) -> Manifest:

@@ -13,13 +13,17 @@ What travels where:
 - through Ray: the offer (address, a one-time token, and the snapshot's
   :meth:`~ckptmgr.io.snapshot.ModelSnapshot.spec`: names, shapes, dtypes,
   config and the small arrays; a few KB);
-- over the socket: the reader's token, then the large arrays' raw bytes in
-  the spec's order, nothing else.
+- over the socket: the reader's token; the keeper's one-byte acknowledgment
+  (a refused reader gets none: it knows before it reads anything); then the
+  large arrays' raw bytes in the spec's order, nothing else.
 
 A stream serves one reader and ends; its listener closes after ``timeout_s``
-whatever happens. The reader checks the bytes it got against the snapshot's
-digest as before (:func:`ckptmgr.ray.memory_restore.fetch_and_check`), and
-falls back to Ray's transfer when the stream cannot be used.
+whatever happens. The reader (:class:`StreamReader`) takes the arrays one at a
+time, as Keras's loaders ask for them, into a few reused buffers: a restore
+needs memory for its largest arrays, not a second copy of the state. It
+checks what it read against the snapshot's digest
+(:mod:`ckptmgr.ray.memory_restore`), and reads through Ray's transfer when
+the stream cannot be opened.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ckptmgr.io.snapshot import ArraySpec, ModelSnapshot, VarGroup
 log = logging.getLogger("ckptmgr")
 
 TOKEN_BYTES = 16
+ACK = b"\x01"  # the keeper accepted the token: the arrays follow
 SEND_BYTES = 8 << 20  # one sendall/recv_into at most: bounded kernel calls, prompt timeouts
 # A firewall that drops packets to the keeper's port makes connect() hang, not fail:
 # give up soon and read through Ray instead of waiting the whole read timeout.
@@ -76,6 +81,7 @@ def _serve(listener: socket.socket, token: bytes, arrays: list[np.ndarray], time
         return
     with conn:
         try:
+            conn.sendall(ACK)
             for array in arrays:
                 data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
                 for start in range(0, len(data), SEND_BYTES):
@@ -107,23 +113,70 @@ def _accept_reader(listener: socket.socket, token: bytes, timeout_s: float) -> s
     return None
 
 
+class StreamReader:
+    """The large arrays of an :func:`offer_stream` offer, read from its stream
+    in the spec's order, each into a buffer from ``take(nbytes)`` (uint8,
+    e.g. a :class:`~ckptmgr.io.direct_read.BufferPool`'s; fresh arrays by
+    default). An array asked for out of order has those before it read ahead
+    and kept until they are asked for.
+
+    Opening raises ``OSError`` when the keeper does not accept this reader
+    (no stream, a wrong token, an offer that lapsed); reading raises a
+    ``ConnectionError`` when the stream ends early."""
+
+    def __init__(self, offer: dict[str, Any], timeout_s: float,
+                 take: Callable[[int], np.ndarray] | None = None):
+        self.spec: ModelSnapshot = offer["spec"]
+        self._take = take or (lambda nbytes: np.empty(nbytes, np.uint8))
+        self._order = [(f"{g.path}/{key}", a) for g in self.spec.groups for key, a in g.arrays
+                       if isinstance(a, ArraySpec)]
+        self._next = 0
+        self._ahead: dict[str, np.ndarray] = {}
+        self._conn = socket.create_connection((offer["host"], offer["port"]),
+                                              timeout=min(CONNECT_TIMEOUT_S, timeout_s))
+        try:
+            self._conn.settimeout(timeout_s)
+            self._conn.sendall(offer["token"])
+            if _read_exactly(self._conn, len(ACK)) != ACK:
+                raise ConnectionError("the keeper did not accept this reader")
+        except OSError as exc:
+            self._conn.close()
+            raise ConnectionError(f"memory stream refused: {exc}") from exc
+
+    def array(self, name: str) -> np.ndarray:
+        """The array at ``name`` (``group path/key``), read once."""
+        if name in self._ahead:
+            return self._ahead.pop(name)
+        while self._next < len(self._order):
+            key, spec = self._order[self._next]
+            self._next += 1
+            array = _receive(self._conn, spec, self._take)
+            if key == name:
+                return array
+            self._ahead[key] = array
+        raise KeyError(f"{name} is not in the memory stream, or was read already")
+
+    def close(self) -> None:
+        self._conn.close()
+        self._ahead.clear()
+
+    def __enter__(self) -> "StreamReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def receive_stream(offer: dict[str, Any], timeout_s: float,
                    take: Callable[[int], np.ndarray] | None = None) -> ModelSnapshot:
-    """The snapshot an :func:`offer_stream` offer describes, its large arrays
-    read from the stream into buffers from ``take(nbytes)`` (uint8, e.g. a
-    :class:`~ckptmgr.io.direct_read.BufferPool`'s; fresh arrays by default).
-    Raises ``OSError`` (a ``ConnectionError`` for a stream that ends early)
-    when it cannot."""
-    take = take or (lambda nbytes: np.empty(nbytes, np.uint8))
-    spec: ModelSnapshot = offer["spec"]
-    connect_s = min(CONNECT_TIMEOUT_S, timeout_s)
-    with socket.create_connection((offer["host"], offer["port"]), timeout=connect_s) as conn:
-        conn.settimeout(timeout_s)
-        conn.sendall(offer["token"])
-        groups = [VarGroup(g.path, dict(g.attrs), [(key, _receive(conn, a, take) if isinstance(a, ArraySpec) else a)
-                                                   for key, a in g.arrays])
-                  for g in spec.groups]
-    return ModelSnapshot(spec.config_json, spec.metadata_json, groups, dict(spec.assets))
+    """The whole snapshot an offer describes, every large array read (see
+    :class:`StreamReader`)."""
+    with StreamReader(offer, timeout_s, take) as reader:
+        groups = [VarGroup(g.path, dict(g.attrs),
+                           [(key, reader.array(f"{g.path}/{key}") if isinstance(a, ArraySpec) else a)
+                            for key, a in g.arrays])
+                  for g in reader.spec.groups]
+    return ModelSnapshot(reader.spec.config_json, reader.spec.metadata_json, groups, dict(reader.spec.assets))
 
 
 def _receive(conn: socket.socket, spec: ArraySpec, take: Callable[[int], np.ndarray]) -> np.ndarray:
