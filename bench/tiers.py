@@ -5,8 +5,9 @@ against a 15 s and a 30 s preemption notice.
 
 Runs on a ``ray.cluster_utils.Cluster`` with a head and two worker nodes on
 this machine: the keepers sit on other nodes than the driver's (the
-producer), as on a real cluster; the transfer goes through Ray's object
-manager, but between processes of one machine, not over a network.
+producer), as on a real cluster; a copy on another node is streamed from its
+keeper (:mod:`ckptmgr.ray.stream`), but between processes of one machine, not
+over a network.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def recovery_by_tier(ctx: Context) -> None:
             note=f"first one, keepers starting: {first_keep:.2f} s"))
     add(Row("S10", "emergency snapshot into memory vs a 30 s notice", keep, "s",
             "30 s notice (GCP spot)", 30.0, "s", keep / 30.0, "<=", 1.0, "<= 1x a 30 s notice"))
-    add(Row("S10", f"restore from memory, the copy on another node (a replacement rank: fetch, digest, "
-            f"apply) vs from gs:// at {cap:g} MB/s a connection",
+    add(Row("S10", f"restore from memory, the copy on another node (a replacement rank: stream, load, "
+            f"digest) vs from gs:// at {cap:g} MB/s a connection",
             mem, "s", "restore from gs:// (emulator behind a per-connection cap)", gs_capped, "s",
             gs_capped / mem, ">=", 5.0, "memory >= 5x faster than gs://"))
     here = median(local_s)
