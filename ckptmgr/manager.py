@@ -430,8 +430,8 @@ class CheckpointManager(Pruning, Exporting):
 
     def restore_buffers(self):
         """The :class:`~ckptmgr.io.direct_read.BufferPool` restores read large
-        arrays into (a restore from the Ray memory tier too), kept for the
-        next restore; bracket its use with ``begin()`` and ``release_later()``."""
+        arrays into, kept for the next restore; bracket its use with
+        ``begin()`` and ``release_later()``."""
         from ckptmgr.io.direct_read import BufferPool
 
         if self._restore_buffers is None:

@@ -4,6 +4,9 @@ exactly as a restore of the same state's archive does (no Ray needed)."""
 from __future__ import annotations
 
 import io
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -186,3 +189,101 @@ def test_a_streamed_copy_with_assets_is_checked_whole_before_it_is_loaded():
         assert _load(untouched, reader, plan, "n") is None
     np.testing.assert_array_equal(np.asarray(untouched.layers[2].embeddings), before)
     assert untouched.layers[1].get_vocabulary() == ["[UNK]", "x"]
+
+
+def test_staging_buffers_serve_arrays_of_every_size_not_one_buffer_per_size():
+    """A model of varied widths: the stream's buffers stay near its largest
+    array, not the sum of its distinct sizes."""
+    from ckptmgr.io.direct_read import BufferPool
+    from ckptmgr.ray import stream
+    from ckptmgr.ray.memory_restore import _CopyReader, _load
+
+    def build():
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([keras.Input((200,))] + [keras.layers.Dense(w) for w in (300, 250, 200, 150, 2)])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    trained = build()
+    trained.fit(np.ones((8, 200)), np.ones((8, 2)), epochs=1, verbose=0)
+    snapshot = plan_for(trained).capture(reuse_buffers=False)
+    plan = {"step": 1, "meta": {"digest": snapshot_digest(snapshot), "time": 0.0}}
+    sizes = {a.nbytes for g in snapshot.groups for _, a in g.arrays if a.nbytes >= 64 * 1024}
+    largest = max(sizes)
+    assert sum(sizes) > 2 * largest  # one buffer per size would fail the bound below
+
+    staging = BufferPool()
+    restored = build()
+    offer = stream.offer_stream(snapshot, timeout_s=30)
+    with _CopyReader(offer["spec"], stream.StreamReader(offer, 30, lambda n: staging.take(n, larger=True))) as reader:
+        assert _load(restored, reader, plan, "n") is not None
+    for got, want in zip(_state(restored), _state(trained), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert staging.nbytes <= 2 * (largest + 64)
+
+
+def _restore_copy_of(monkeypatch, reader, model, plan):
+    from ckptmgr.ray import memory_restore
+
+    monkeypatch.setattr(memory_restore, "_open_copy", lambda step, copy, timeout_s: reader)
+    return memory_restore.restore_copy(model, plan, {"keeper": "k", "node": "n"}, 30)
+
+
+def test_a_stream_that_stalls_is_waited_for_once_then_reported_unreadable(monkeypatch):
+    """Keras's loaders go on to the next layer after one fails: a stalled
+    stream must not make each of them wait out the timeout."""
+    from ckptmgr.ray import stream
+    from ckptmgr.ray.memory_restore import _CopyReader
+
+    _, snapshot, plan = _trained_wide()
+    offer = stream.offer_stream(snapshot, timeout_s=30)
+    held = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as stalling:  # accepts, sends 100 bytes, then nothing
+        def stall():
+            conn, _ = stalling.accept()
+            with conn:
+                conn.recv(stream.TOKEN_BYTES)
+                conn.sendall(stream.ACK + b"\0" * 100)
+                held.wait(30)
+
+        threading.Thread(target=stall, daemon=True).start()
+        reader = _CopyReader(offer["spec"], stream.StreamReader(
+            dict(offer, host="127.0.0.1", port=stalling.getsockname()[1]), timeout_s=1.0))
+        started = time.monotonic()
+        manifest, problem = _restore_copy_of(monkeypatch, reader, _wide(), plan)
+        elapsed = time.monotonic() - started
+        held.set()
+    assert manifest is None and "unreadable" in problem and "timed out" in problem
+    assert elapsed < 2.5  # one timeout, not one per layer that streams (three here)
+
+
+def test_damage_to_a_shape_is_a_damaged_copy_and_another_model_is_a_misfit(monkeypatch):
+    from ckptmgr.errors import IncompatibleCheckpointError
+    from ckptmgr.ray.memory_restore import _CopyReader
+
+    _, snapshot, plan = _trained_wide()
+    bias = next(g for g in snapshot.groups if g.path == "layers/dense_2/vars")
+    bias.arrays = [(k, np.zeros(3, a.dtype) if k == "1" else a) for k, a in bias.arrays]  # (2,) -> (3,)
+    manifest, problem = _restore_copy_of(monkeypatch, _CopyReader(snapshot), _wide(), plan)
+    assert manifest is None and "is damaged" in problem
+
+    _, intact, plan = _trained_wide()
+    other = keras.Sequential([keras.Input((256,)), keras.layers.Dense(3)])
+    other.compile(optimizer="adam", loss="mse")
+    with pytest.raises(IncompatibleCheckpointError, match="does not fit this model"):
+        _restore_copy_of(monkeypatch, _CopyReader(intact), other, plan)
+
+
+def test_a_failure_of_this_process_is_raised_not_blamed_on_the_copy(monkeypatch):
+    """Blaming the copy would vote down every good copy in turn."""
+    from ckptmgr import state
+    from ckptmgr.ray.memory_restore import _CopyReader
+
+    _, snapshot, plan = _trained_wide()
+
+    def out_of_memory(model):
+        raise MemoryError("building the optimizer's slots")
+
+    monkeypatch.setattr(state, "ensure_built_optimizer", out_of_memory)
+    with pytest.raises(MemoryError, match="optimizer's slots"):
+        _restore_copy_of(monkeypatch, _CopyReader(snapshot), _wide(), plan)

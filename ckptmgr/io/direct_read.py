@@ -304,11 +304,16 @@ class BufferPool:
             self._raw = [self._raw[i] for i in keep]
             self._restore = [self._restore[i] for i in keep]
 
-    def take(self, nbytes: int) -> np.ndarray:
-        """A ``nbytes`` buffer, 64-byte aligned, that nothing else holds."""
+    def take(self, nbytes: int, *, larger: bool = False) -> np.ndarray:
+        """A ``nbytes`` buffer, 64-byte aligned, that nothing else holds.
+        ``larger``: part of the smallest idle buffer that is large enough will
+        do (staging, copied out at once; a buffer lent to a variable must be
+        its exact size)."""
         with self._lock:
-            for index in range(len(self._raw)):
-                if self._raw[index].nbytes == nbytes + _ALIGN and self._idle(index):
+            fits = [i for i in range(len(self._raw))
+                    if (self._raw[i].nbytes >= nbytes + _ALIGN if larger else self._raw[i].nbytes == nbytes + _ALIGN)]
+            for index in sorted(fits, key=lambda i: self._raw[i].nbytes):
+                if self._idle(index):
                     self._restore[index] = self._count
                     return _aligned_in(self._raw[index], nbytes)
             raw = np.empty(nbytes + _ALIGN, np.uint8)

@@ -59,17 +59,37 @@ def restore_copy(model, plan: dict[str, Any], copy: dict[str, str],
     ``model``: (its manifest, None), or (None, the problem) when the copy is
     unreadable or damaged, and the model may be partly loaded (see the
     module's docstring). A model that does not fit raises."""
-    step, reader = plan["step"], None
+    step = plan["step"]
     try:
         reader = _open_copy(step, copy, timeout_s)
-        with reader:
-            manifest = _load(model, reader, plan, copy["node"])
     except Exception as exc:  # noqa: BLE001 - a lost keeper or node: another copy, or storage
-        failure = reader.failure if reader is not None else None  # Keras's loader reports it as a misfit
-        if failure is None and isinstance(exc, IncompatibleCheckpointError):
-            raise
-        return None, _unreadable(step, failure or exc)
-    return (manifest, None) if manifest else (None, _damaged(plan, reader.digest()))
+        return None, _unreadable(step, exc)
+    with reader:
+        try:
+            manifest = _load(model, reader, plan, copy["node"])
+        except Exception as exc:
+            problem = _copy_problem(reader, plan, exc)
+            if problem is None:
+                raise  # this model, this process: not the copy's fault
+            return None, problem
+        return (manifest, None) if manifest else (None, _damaged(plan, reader.digest()))
+
+
+def _copy_problem(reader: "_CopyReader", plan: dict[str, Any], exc: Exception) -> str | None:
+    """What was wrong with the copy when loading it raised ``exc``, or None
+    when the copy is not to blame: a read that failed (Keras's loaders
+    report it as a misfit), or a misfit whose copy's digest is not the
+    agreed one (damage to a shape or a small array). A misfit with the right
+    digest (another model) and any other error are the caller's to raise."""
+    if reader.failure is None and not isinstance(exc, IncompatibleCheckpointError):
+        return None
+    try:
+        digest = reader.digest() if reader.failure is None else None
+    except Exception as read_error:  # noqa: BLE001 - reading the rest failed: the copy is unreadable
+        return _unreadable(plan["step"], reader.failure or read_error)
+    if reader.failure is not None:
+        return _unreadable(plan["step"], reader.failure)
+    return _damaged(plan, digest) if digest != plan["meta"]["digest"] else None
 
 
 def fetch_and_check(plan: dict[str, Any], timeout_s: float,
@@ -137,11 +157,14 @@ class _CopyReader:
     def array(self, name: str, value):
         from ckptmgr.replicas import array_crc
 
+        if self.failure is not None:  # Keras's loaders go on to the next layer: fail at once
+            raise self.failure
         if isinstance(value, ArraySpec):
             try:
                 value = self._stream.array(name)
             except Exception as exc:
                 self.failure = exc
+                self._stream.close()
                 raise
         self._crcs[name] = array_crc(value)
         return value
@@ -187,7 +210,8 @@ def _open_copy(step: int, copy: dict[str, str], timeout_s: float) -> _CopyReader
     if copy["node"] != ray.get_runtime_context().get_node_id():
         try:
             offer = ray.get(actor.serve.remote(step, timeout_s), timeout=timeout_s)
-            return _CopyReader(offer["spec"], StreamReader(offer, timeout_s, BufferPool().take))
+            staging = BufferPool()  # each array is copied out at once: a few buffers serve them all
+            return _CopyReader(offer["spec"], StreamReader(offer, timeout_s, lambda n: staging.take(n, larger=True)))
         except (OSError, ray.exceptions.GetTimeoutError) as exc:
             log.warning("memory copy of step %d: no stream from node %s (%s: %s); reading it through "
                         "Ray's object store instead", step, copy["node"][:12], type(exc).__name__, exc)

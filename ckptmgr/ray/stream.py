@@ -121,8 +121,9 @@ class StreamReader:
     and kept until they are asked for.
 
     Opening raises ``OSError`` when the keeper does not accept this reader
-    (no stream, a wrong token, an offer that lapsed); reading raises a
-    ``ConnectionError`` when the stream ends early."""
+    within ``CONNECT_TIMEOUT_S`` (no stream, a wrong token, an offer that
+    lapsed); reading raises a ``ConnectionError`` when the stream ends early,
+    ``TimeoutError`` when it stalls for ``timeout_s``."""
 
     def __init__(self, offer: dict[str, Any], timeout_s: float,
                  take: Callable[[int], np.ndarray] | None = None):
@@ -135,10 +136,11 @@ class StreamReader:
         self._conn = socket.create_connection((offer["host"], offer["port"]),
                                               timeout=min(CONNECT_TIMEOUT_S, timeout_s))
         try:
-            self._conn.settimeout(timeout_s)
+            self._conn.settimeout(min(CONNECT_TIMEOUT_S, timeout_s))
             self._conn.sendall(offer["token"])
             if _read_exactly(self._conn, len(ACK)) != ACK:
                 raise ConnectionError("the keeper did not accept this reader")
+            self._conn.settimeout(timeout_s)
         except OSError as exc:
             self._conn.close()
             raise ConnectionError(f"memory stream refused: {exc}") from exc
