@@ -5,7 +5,6 @@ tail, give exactly the single-writer archive, which stock Keras opens."""
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 
 import numpy as np

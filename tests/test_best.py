@@ -22,7 +22,7 @@ from ckptmgr import CheckpointManager  # noqa: E402
 from ckptmgr.config import load_config  # noqa: E402
 from ckptmgr.errors import ConfigError  # noqa: E402
 from ckptmgr.keras import CheckpointCallback  # noqa: E402
-from ckptmgr.retention import KeepBest, RetentionPolicy, infer_mode  # noqa: E402
+from ckptmgr.retention import KeepBest, infer_mode  # noqa: E402
 from test_exact_resume import BATCH, EPOCHS, SAMPLES, Interrupt, InterruptAt, _data, _model, _state  # noqa: E402
 
 STEPS_PER_EPOCH = SAMPLES // BATCH  # 6

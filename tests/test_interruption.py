@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import keras
-import numpy as np
 import pytest
 
 from ckptmgr import CheckpointManager

@@ -15,7 +15,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import hashlib  # noqa: E402
 
 from google_crc32c import value as crc32c  # noqa: E402
 import json  # noqa: E402

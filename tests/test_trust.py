@@ -18,7 +18,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -26,7 +25,6 @@ import pytest  # noqa: E402
 
 from ckptmgr import CheckpointManager  # noqa: E402
 from ckptmgr.errors import (  # noqa: E402
-    CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
 from ckptmgr.io.layout import manifest_name  # noqa: E402
