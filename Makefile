@@ -36,12 +36,17 @@ run: install
 resume: install
 	$(BIN)/ckptmgr resume configs/local.yaml
 
-# The whole test suite (CI runs exactly this through .ci/run).
+# The whole test suite (CI runs exactly this through .ci/run): the quick tests
+# in two processes (each starts its own storage servers), then the slow
+# multi-node Ray tests one at a time (two Ray clusters on two cores would only
+# slow each other down).
+PYTEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS)
+	$(BIN)/python -m pytest -q -m slow
 
 test-fast: install-test
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS)
 
 # Every lower bound in pyproject.toml at once, in a throwaway venv: the tests
 # that exercise Keras, TensorFlow and Ray (see README, "Installing").
