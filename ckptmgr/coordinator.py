@@ -54,6 +54,12 @@ NAMESPACE = "ckptmgr"
 
 
 _KEPT_OUTCOMES = 64
+Slot = tuple[int, str]  # (step, tier): a step's outcome in one tier
+
+
+def tier_of(extra: dict | None) -> str:
+    """The tier a save is for: "memory" when its ``extra`` says so, else "storage"."""
+    return "memory" if (extra or {}).get("tier") == "memory" else "storage"
 
 
 def coordinator_name(directory: str) -> str:
@@ -129,8 +135,10 @@ class Coordinator(MemoryTierMixin):
         # after a preemption) is fenced from this moment, not at our first save.
         self.manager.claim()
         self._lock = threading.Condition()
-        self._parts: dict[int, dict[int, Part]] = {}
-        self._results: dict[int, Future] = {}
+        # By (step, tier): one step can be both a memory snapshot and a persistent
+        # save (the end of an epoch or of training); neither answers for the other.
+        self._parts: dict[Slot, dict[int, Part]] = {}
+        self._results: dict[Slot, Future] = {}
         self._metrics = RayMetrics(options.directory)
         self._events = RunEvents()  # what the driver shows (ckptmgr.ray.watch)
         self._writer = SavePipeline(options.on_busy, name="ckptmgr-coordinator",  # type: ignore[arg-type]
@@ -162,16 +170,17 @@ class Coordinator(MemoryTierMixin):
         """
         part = Part(rank, digest, snapshot_ref, blocked_s, time.monotonic(),
                     metrics or {}, extra or {}, loop, list(shard_ref or []), ranged)
+        slot = (step, tier_of(extra))
         with self._lock:
             self._forget_old_outcomes()
-            result = self._result_of(step)
+            result = self._result_of(slot)
             if result.done():
                 return  # the step already failed (timeout) or finished
-            parts = self._parts.setdefault(step, {})
+            parts = self._parts.setdefault(slot, {})
             parts[rank] = part
             if len(parts) < self.options.world_size:
                 return
-            del self._parts[step]
+            del self._parts[slot]
         self._complete(step, parts, result)
 
     def _forget_old_outcomes(self) -> None:
@@ -193,7 +202,7 @@ class Coordinator(MemoryTierMixin):
             result.set_exception(refused)
             self._failed(step, refused)
             return
-        memory = parts[0].extra.get("tier") == "memory"
+        memory = tier_of(parts[0].extra) == "memory"
         pipeline, job = (self._keeping, self._keep) if memory else (self._writer, self._write)
         future = pipeline.submit(
             step, lambda: job(step, parts), may_drop=True, report=False,
@@ -260,7 +269,7 @@ class Coordinator(MemoryTierMixin):
         for this rank."""
         def settled() -> bool:
             with self._lock:
-                result = self._results.get(step)
+                result = self._results.get((step, "storage"))
                 return result is not None and result.done()
 
         return self._ranges.assignment_for(step, rank, timeout_s, settled)
@@ -271,18 +280,18 @@ class Coordinator(MemoryTierMixin):
     def range_failed(self, step: int, rank: int, message: str) -> None:
         self._ranges.failed(step, rank, message)
 
-    def wait_step(self, step: int, timeout_s: float | None = None) -> dict:
-        """Block until ``step`` is committed (or failed); re-raise its error."""
+    def wait_step(self, step: int, timeout_s: float | None = None, tier: str = "storage") -> dict:
+        """Block until ``step`` is committed to ``tier`` (or failed); re-raise its error."""
         with self._lock:
-            result = self._result_of(step)
+            result = self._result_of((step, tier))
         return result.result(timeout=timeout_s)
 
-    def _result_of(self, step: int) -> Future:
-        """The outcome of ``step`` (created on first use; call with the lock held).
+    def _result_of(self, slot: Slot) -> Future:
+        """The outcome of ``slot`` (created on first use; call with the lock held).
         Settling it wakes ranks waiting for a range of it."""
-        result = self._results.get(step)
+        result = self._results.get(slot)
         if result is None:
-            result = self._results[step] = Future()
+            result = self._results[slot] = Future()
             result.add_done_callback(lambda _: self._ranges.wake())
         return result
 
@@ -291,18 +300,20 @@ class Coordinator(MemoryTierMixin):
             now = time.monotonic()
             expired = []
             with self._lock:
-                for step, parts in list(self._parts.items()):
+                for slot, parts in list(self._parts.items()):
                     first = min(p.arrived for p in parts.values())
                     if now - first > self.options.save_timeout_s:
-                        expired.append((step, self._parts.pop(step)))
-            for step, parts in expired:
+                        expired.append((slot, self._parts.pop(slot)))
+            for (step, tier), parts in expired:
                 missing = sorted(set(range(self.options.world_size)) - set(parts))
+                first = min(p.arrived for p in parts.values())
                 waited = ", ".join(f"rank {r} for {now - first:.1f} s" for r in missing)
-                self._results[step].set_exception(DistributedSaveError(
-                    f"step {step} timed out: no part from ranks {missing} (waited {waited}; "
+                where = " (memory tier)" if tier == "memory" else ""
+                self._results[(step, tier)].set_exception(DistributedSaveError(
+                    f"step {step}{where} timed out: no part from ranks {missing} (waited {waited}; "
                     f"ranks {sorted(parts)} arrived). Nothing was written for this step."
                 ))
-                log.error("%s", self._results[step].exception())
+                log.error("%s", self._results[(step, tier)].exception())
 
     # -- retention on a timer ----------------------------------------------------
     def _prune_loop(self) -> None:
@@ -378,7 +389,7 @@ class Coordinator(MemoryTierMixin):
         the new save. Rank 0 calls it at train begin."""
         with self._lock:
             for table in (self._results, self._parts):
-                for old in [s for s in table if step is None or s > step]:
+                for old in [slot for slot in table if step is None or slot[0] > step]:
                     del table[old]
             # A notice and emergency step of an earlier session were acted on then.
             self._emergency, self._notice = None, None
@@ -405,17 +416,6 @@ class Coordinator(MemoryTierMixin):
     def metrics_recorded(self) -> int:
         """How many saves were exported as Ray metrics."""
         return self._metrics.recorded
-
-    # -- preemption ------------------------------------------------------------------
-    def request_emergency(self, step: int, margin: int = 2) -> int:
-        """A worker got SIGTERM at ``step``: every rank saves at the returned step."""
-        with self._lock:
-            if self._emergency is None or self._emergency < step:
-                self._emergency = step + margin
-            return self._emergency
-
-    def emergency_step(self) -> int | None:
-        return self._emergency
 
     def dropped_saves(self) -> dict[str, int]:
         """Steps replaced and skipped so far (also the Ray counters)."""

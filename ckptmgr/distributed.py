@@ -30,7 +30,7 @@ from typing import Any
 
 from collections.abc import Collection
 
-from ckptmgr.coordinator import CoordinatorOptions, find, get_or_create
+from ckptmgr.coordinator import CoordinatorOptions, find, get_or_create, tier_of
 from ckptmgr.replicas import shard_rows, snapshot_digest
 from ckptmgr.errors import CorruptCheckpointError, DistributedSaveError
 from ckptmgr.ranged_write import write_assigned_range
@@ -280,13 +280,13 @@ class CoordinatorClient:
         import ray
 
         digest = snapshot_digest(snapshot, exclude=self.sharded)
-        ranged = self._ranged and meta["extra"].get("tier") != "memory"  # keepers need it all
+        ranged = self._ranged and tier_of(meta["extra"]) == "storage"  # keepers need it all
         refs = [ray.put(snapshot.spec() if ranged else snapshot)] if self.rank == 0 else []
         shard_ref = [ray.put(self._owned_rows(snapshot))] if self.sharded else []
         self._call("submit_part", step, self.rank, digest, refs, blocked_s,
                    meta["metrics"], meta["extra"], meta["loop"], shard_ref, ranged)
         timeout = self.options.save_timeout_s + 600.0
-        ref = self._actor().wait_step.remote(step, timeout)
+        ref = self._actor().wait_step.remote(step, timeout, tier_of(meta["extra"]))
         ref.future().add_done_callback(lambda done: self._settle(step, blocked_s, done, outcome))
         if ranged:
             self._write_my_range(step, snapshot)

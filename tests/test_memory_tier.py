@@ -55,7 +55,7 @@ def _keep(coord, step: int, snap: ModelSnapshot, node: str | None = None, **extr
     loop = {"epoch": 0, "batch": step, "next_epoch": 0, "next_batch": step}
     coord.submit_part.remote(step, 0, snapshot_digest(snap), [ray.put(snap)], 0.01, {"loss": 1.0},
                              {"tier": "memory", "node": node, **extra}, loop)
-    return ray.get(coord.wait_step.remote(step, 60))
+    return ray.get(coord.wait_step.remote(step, 60, "memory"))
 
 
 def _node_id(node) -> str:
@@ -311,6 +311,29 @@ def test_a_run_lost_before_its_first_persistent_save_resumes_from_memory(cluster
     fresh.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
     assert (callback.restored_step, callback.restored_tier) == (8, "memory")
     assert int(fresh.optimizer.iterations.numpy()) == 16  # epoch 2 only: 8 restored + 8 trained
+    _kill_run(directory)
+
+
+@pytest.mark.parametrize(("save_freq", "persisted"), [("epoch", [8, 16, 24]), (5, [15, 20, 24])])
+def test_a_step_kept_in_memory_is_still_persisted_when_storage_is_due(cluster, tmp_path, save_freq, persisted):
+    """A step can be due in both tiers: a memory snapshot every 4 steps, and a
+    persistent save at each epoch's end (save_freq="epoch") or at the end of
+    training (step 24). The coordinator knew a step's outcome by its number
+    alone, so it answered the persistent save with the memory snapshot's
+    outcome and never wrote it: storage had none of these steps."""
+    from ckptmgr.keras import CheckpointCallback
+
+    directory = str(tmp_path / "run")
+    get_or_create(CoordinatorOptions(directory, world_size=1, retention={"keep_last": 3}, on_busy="wait",
+                                     memory_replicas=2))
+    x, y = _small_data()
+    model = _small_model()
+    callback = CheckpointCallback(directory, rank=0, world_size=1, save_freq=save_freq, keep_last=3,
+                                  on_busy="wait", memory_every=4)  # every save written, none replaced
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[callback])
+    assert CheckpointManager(directory).steps() == persisted
+    newest = ray.get(find(directory).memory_copies.remote())
+    assert max(copy["step"] for copy in newest) == 24  # and the memory tier has it too
     _kill_run(directory)
 
 

@@ -152,6 +152,17 @@ class MemoryTierMixin:
             self._tier.drop_after(step)
 
     # -- preemption notices -------------------------------------------------------------
+    def request_emergency(self, step: int, margin: int = 2) -> int:
+        """A worker got SIGTERM (or saw a drain notice) at ``step``: every rank
+        saves at the returned step."""
+        with self._lock:
+            if self._emergency is None or self._emergency < step:
+                self._emergency = step + margin
+            return self._emergency
+
+    def emergency_step(self) -> int | None:
+        return self._emergency
+
     def register_node(self, rank: int, node_id: str) -> None:
         """Rank ``rank`` trains on ``node_id`` (its drain is the run's notice)."""
         self._rank_nodes[rank] = node_id
