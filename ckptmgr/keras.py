@@ -254,7 +254,10 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
 
     def _continue_from(self, manifest) -> None:
         self.restored_manifest, self.restored_step = manifest, manifest.step
-        self._global_step = self._last_saved_step = manifest.step
+        self.restored_tier = getattr(self.manager, "restored_tier", None) or "storage"
+        # A step restored from memory is not in storage yet: the train-end save writes it.
+        self._global_step = manifest.step
+        self._last_saved_step = manifest.step if self.restored_tier == "storage" else None
         loop = manifest.loop or LoopState()
         apply_training_state(self.model, TrainingState.from_json(loop.training))
         next_epoch, next_batch = self._resume_position(loop)
@@ -263,7 +266,6 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
         if next_batch > 0:
             self._skip = (next_epoch, next_batch)
             self._install_skipper(next_batch)
-        self.restored_tier = getattr(self.manager, "restored_tier", None) or "storage"
         log.info("resumed from step %d (from %s; epoch %d, batch %d)", manifest.step,
                  self.restored_tier, next_epoch + 1, next_batch)
 
@@ -362,12 +364,21 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._note_progress(logs, epoch_end=True)
-        self._epoch_done = True
         self._skip = None
         logged = self._monitor_logged(epoch, logs)
         deferred, self._deferred_save = self._deferred_save, False
+        self._epoch_done = not self._stopped_mid_epoch()
         if self.save_freq == "epoch" or deferred or (self._epoch_saves and logged):
-            self._save(logs, next_epoch=epoch + 1, next_batch=0)
+            if self._epoch_done:
+                self._save(logs, next_epoch=epoch + 1, next_batch=0)
+            else:  # the rest of this epoch is still to train
+                self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+
+    def _stopped_mid_epoch(self) -> bool:
+        """fit() ends an epoch it stopped early (``model.stop_training``) with on_epoch_end
+        too. Known only when Keras knows the epoch's length."""
+        steps = (self.params or {}).get("steps")
+        return bool(getattr(self.model, "stop_training", False) and steps and self._batch < steps)
 
     def _monitor_logged(self, epoch: int, logs) -> bool:
         """Whether the monitored metric is in this epoch's logs; warns once if not."""

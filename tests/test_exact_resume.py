@@ -36,6 +36,21 @@ class InterruptAt(keras.callbacks.Callback):
             raise Interrupt()
 
 
+class StopAt(keras.callbacks.Callback):
+    """Set ``model.stop_training`` after ``global_batch`` batches: fit() ends
+    the epoch (on_epoch_end still runs) and returns, as after an abandoned
+    emergency checkpoint or the user's own stopping callback."""
+
+    def __init__(self, global_batch: int):
+        super().__init__()
+        self.global_batch, self.seen = global_batch, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.global_batch:
+            self.model.stop_training = True
+
+
 def _data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(SAMPLES, 6)).astype("float32")
@@ -57,13 +72,14 @@ def _model():
     return model
 
 
-def _fit(directory, save_freq, interrupt_at=None, *, shuffle=False, steps_per_execution=1):
+def _fit(directory, save_freq, interrupt_at=None, *, shuffle=False, steps_per_execution=1, stop_at=None):
     model = _model()
     if steps_per_execution > 1:
         model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"],
                       steps_per_execution=steps_per_execution)
     callback = CheckpointCallback(directory, save_freq=save_freq)
     callbacks = [callback] + ([InterruptAt(interrupt_at)] if interrupt_at else [])
+    callbacks += [StopAt(stop_at)] if stop_at else []
     x, y = _data()
     try:
         history = model.fit(
@@ -111,6 +127,23 @@ def test_resume_is_bit_identical(tmp_path, save_freq, interrupt_at, resumed_at):
     # Epoch-end logs of the resumed epoch match too: metric state was restored.
     assert history.history["loss"][-1] == ref_history.history["loss"][-1]
     assert CheckpointManager(tmp_path / "run").latest_step() == EPOCHS * SAMPLES // BATCH
+
+
+@pytest.mark.parametrize("save_freq", ["epoch", 4])
+def test_a_stop_mid_epoch_is_saved_where_it_stopped_and_resumes_exactly(tmp_path, save_freq):
+    """fit() stopped mid-epoch still calls on_epoch_end: the epoch's save (or
+    the train-end save after it) recorded the epoch as finished, and a resume
+    skipped the rest of it."""
+    reference, _, _ = _fit(tmp_path / "reference", save_freq)
+    _fit(tmp_path / "run", save_freq, stop_at=9)  # epoch 1, 3 of 6 batches in
+    manifest = CheckpointManager(tmp_path / "run").manifest()
+    assert manifest.step == 9
+    assert (manifest.loop.next_epoch, manifest.loop.next_batch) == (1, 3)
+    resumed, callback, _ = _fit(tmp_path / "run", save_freq)
+    assert callback.restored_step == 9
+    for ref, got in zip(_state(reference), _state(resumed), strict=True):
+        np.testing.assert_array_equal(ref, got)
+    assert int(resumed.optimizer.iterations) == EPOCHS * SAMPLES // BATCH
 
 
 def test_completed_run_resumes_to_a_no_op(tmp_path):

@@ -152,6 +152,53 @@ def test_lost_coordinator_node_and_replica_other_copy_serves(cluster, tmp_path):
     _kill_run(directory)
 
 
+def test_an_emergency_step_evicted_from_memory_before_its_write_is_still_persisted(cluster, tmp_path):
+    """The coordinator persists an emergency step from a keeper's copy once
+    the writer is free. Under Ray Train training goes on after the emergency
+    snapshot, and newer memory steps made the keepers drop that copy first
+    (they keep the newest 2): the write found nothing and the step was lost."""
+    c, nodes = cluster
+    directory = str(tmp_path / "run")
+    coord = get_or_create(CoordinatorOptions(directory, world_size=1, memory_replicas=1, memory_retain=2))
+    busy = _snapshot(1.0, n=150_000_000)  # 600 MB: the writer is on it while the steps below are kept
+    coord.submit_part.remote(10, 0, snapshot_digest(busy), [ray.put(busy)], 0.01)
+    producer = _node_id(nodes["rank0"])
+    assert _keep(coord, 20, _snapshot(2.0), node=producer, emergency=True)["nodes"]
+    for step in (24, 28):
+        _keep(coord, step, _snapshot(step / 10), node=producer)
+    assert sorted(copy["step"] for copy in ray.get(coord.memory_copies.remote())) == [24, 28]
+    assert ray.get(coord.flush_writes.remote(120))
+    manager = CheckpointManager(directory)
+    assert 20 in manager.steps(), manager.steps()
+    assert manager.manifest(20).world.get("from") == "memory"
+    _kill_run(directory)
+
+
+def test_a_step_persisted_from_memory_and_saved_again_by_the_ranks_is_written_once(cluster, tmp_path):
+    """An emergency step reached memory after the ranks had given up waiting
+    (abandoned), so the coordinator persisted it from memory and the
+    train-end save sent the same step again: the second write of the step
+    failed (steps are never overwritten) and fit() raised. The same state is
+    now answered with the committed manifest; another state still fails."""
+    c, nodes = cluster
+    directory = str(tmp_path / "run")
+    coord = get_or_create(CoordinatorOptions(directory, world_size=1, memory_replicas=1))
+    state = _snapshot(3.0)
+    _keep(coord, 30, state, node=_node_id(nodes["rank0"]), emergency=True)
+    assert ray.get(coord.flush_writes.remote(60))
+    assert CheckpointManager(directory).steps() == [30]
+    coord.submit_part.remote(30, 0, snapshot_digest(state), [ray.put(state)], 0.01)
+    outcome = ray.get(coord.wait_step.remote(30, 60))
+    assert outcome["manifest"]["step"] == 30 and outcome["manifest"]["world"]["from"] == "memory"
+    assert ray.get(coord.metric_counts.remote()).get("saves_failed", 0) == 0
+    ray.get(coord.forget_after.remote(29))  # a later attempt saves step 30 again, from another state
+    other = _snapshot(4.0)
+    coord.submit_part.remote(30, 0, snapshot_digest(other), [ray.put(other)], 0.01)
+    with pytest.raises(Exception, match="already exists"):
+        ray.get(coord.wait_step.remote(30, 60))
+    _kill_run(directory)
+
+
 def test_damaged_copy_is_skipped_then_storage_when_keepers_are_gone(cluster, tmp_path):
     c, nodes = cluster
     directory = str(tmp_path / "run")
@@ -334,6 +381,26 @@ def test_a_step_kept_in_memory_is_still_persisted_when_storage_is_due(cluster, t
     assert CheckpointManager(directory).steps() == persisted
     newest = ray.get(find(directory).memory_copies.remote())
     assert max(copy["step"] for copy in newest) == 24  # and the memory tier has it too
+    _kill_run(directory)
+
+
+def test_a_finished_run_restored_from_memory_persists_its_last_step(cluster, tmp_path):
+    """The last step reached memory, not storage, before the attempt was lost;
+    the restart restores it and has nothing left to train. A restored step
+    counted as saved, so the train-end save was skipped: the run finished,
+    its keepers were stopped, and storage never had its final state."""
+    from ckptmgr.keras import CheckpointCallback
+
+    directory = str(tmp_path / "run")
+    client, trained, (x, y) = _trained_8_steps(directory)
+    assert client.save(8, trained, loop=EPOCH_1_DONE, tier="memory").result()["memory"]
+    fresh = _small_model()
+    callback = CheckpointCallback(directory, rank=0, world_size=1, save_freq=100, memory_every=4)
+    fresh.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])  # epoch 1 of 1: done
+    assert (callback.restored_step, callback.restored_tier) == (8, "memory")
+    manager = CheckpointManager(directory)
+    assert manager.steps() == [8]
+    assert (manager.manifest().loop.next_epoch, manager.manifest().loop.next_batch) == (1, 0)
     _kill_run(directory)
 
 

@@ -61,15 +61,32 @@ class MemoryTierMixin:
         return outcome
 
     def _persist_later(self, step: int, meta: dict) -> None:
-        """Queue a persistent write of the emergency step, read from a keeper."""
+        """Queue a persistent write of the emergency step, read from a keeper.
+
+        The copies are borrowed now (references to the keepers' objects):
+        training may go on (Ray Train) and newer memory steps make the keepers
+        drop this one before the writer gets to it; a borrowed object stays
+        until the write is done. Each copy is tried in turn.
+        """
+        import ray
+
         started = time.monotonic()
+        borrowed = []
+        for copy in self._tier.copies():
+            if copy.step == step:
+                try:
+                    borrowed.append(ray.get(copy.handle.fetch.remote(step), timeout=30)[0])
+                except Exception as exc:  # noqa: BLE001 - the other copies may do
+                    log.warning("emergency step %d: keeper %s lent no copy (%s)", step, copy.keeper, exc)
 
         def persist() -> dict:
-            import ray
-
-            copy = next(c for c in self._tier.copies() if c.step == step)
-            refs = ray.get(copy.handle.fetch.remote(step))
-            snapshot = ray.get(refs[0])
+            try:
+                done = self._committed_already(step, meta["digest"])
+                if done is not None:
+                    return done
+                snapshot = _first_readable(step, borrowed)
+            finally:
+                borrowed.clear()  # the keepers' objects may go now
             manifest = self.manager.write_snapshot(
                 step, snapshot, metrics=meta["metrics"], extra=meta["extra"],
                 loop=LoopState(**meta["loop"]) if meta["loop"] else None, blocked_s=meta["blocked_s"],
@@ -83,6 +100,20 @@ class MemoryTierMixin:
 
         future = self._writer.submit(step, persist, may_drop=False, report=False, sticky=True)
         future.add_done_callback(lambda f: f.exception() is None or self._not_persisted(step, f.exception()))
+
+    def _committed_already(self, step: int, digest: str) -> dict | None:
+        """The outcome of ``step`` if this state is already in storage: an
+        emergency step persisted from memory and then saved by the ranks too
+        (its emergency save was abandoned, so the train-end save repeats it),
+        or the other way round. A different state of that step is left to the
+        write, which refuses it."""
+        if not self.manager.storage.is_committed(step):
+            return None
+        there = self.manager.manifest(step)
+        if (there.world or {}).get("digest") != digest:
+            return None
+        log.info("step %d: this state is already committed; not written again", step)
+        return {"step": step, "manifest": there.model_dump(mode="json")}
 
     def _not_persisted(self, step: int, exc: BaseException) -> None:
         log.error("emergency step %d not persisted from memory: %s", step, exc)
@@ -195,3 +226,17 @@ class MemoryTierMixin:
             "step": self._emergency,
             "drain": None if drain is None else {"node": drain.node, "deadline_ms": drain.deadline_ms},
         }
+
+
+def _first_readable(step: int, refs: list) -> Any:
+    """The first of the borrowed copies of ``step`` that can be read."""
+    import ray
+
+    problems = []
+    for ref in refs:
+        try:
+            return ray.get(ref, timeout=300)
+        except Exception as exc:  # noqa: BLE001 - a lost node takes its copy along
+            problems.append(f"{type(exc).__name__}: {exc}"[:200])
+    raise DistributedSaveError(f"emergency step {step}: no copy in memory could be read "
+                               f"({'; '.join(problems) or 'none was lent'})")
