@@ -33,22 +33,19 @@ class InterruptAt(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.seen += 1
         if self.seen == self.global_batch:
-            raise Interrupt()
+            self.act()
+
+    def act(self) -> None:
+        raise Interrupt()
 
 
-class StopAt(keras.callbacks.Callback):
+class StopAt(InterruptAt):
     """Set ``model.stop_training`` after ``global_batch`` batches: fit() ends
     the epoch (on_epoch_end still runs) and returns, as after an abandoned
     emergency checkpoint or the user's own stopping callback."""
 
-    def __init__(self, global_batch: int):
-        super().__init__()
-        self.global_batch, self.seen = global_batch, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seen += 1
-        if self.seen == self.global_batch:
-            self.model.stop_training = True
+    def act(self) -> None:
+        self.model.stop_training = True
 
 
 def _data():
