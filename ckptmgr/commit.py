@@ -107,7 +107,7 @@ class Committer:
         ``counts``: saves replaced or skipped since the previous write (stats).
         """
         lease = self._lease.ensure(f"saving step {step}")
-        existing = self._committed_by_other_writer(step, lease.token)
+        existing = self._committed_before(step, lease.token, (world or {}).get("digest"))
         if existing is not None:
             return existing, False
         started = time.perf_counter()
@@ -167,11 +167,11 @@ class Committer:
         self._discard_attempt(manifest.archive)
         return self._other_writers_step(there)
 
-    def _committed_by_other_writer(self, step: int, token: int) -> Manifest | None:
-        """The manifest of ``step`` if an earlier writer committed it, else None.
-
-        Our own lease saving a step twice is a caller's mistake and raises.
-        """
+    def _committed_before(self, step: int, token: int, digest: str | None) -> Manifest | None:
+        """The manifest of ``step`` if an earlier writer committed it, or if we
+        did with the same state (``world["digest"]``: an emergency step the
+        coordinator persisted from memory, then saved again by the ranks),
+        else None. Our own lease saving another state of a step raises."""
         try:  # the common case, nothing there, costs one failed read
             there = self._manifest(step)
         except CheckpointNotFoundError:
@@ -180,6 +180,9 @@ class Committer:
             there = None
         if there is not None and (there.writer is None or there.writer.token != token):
             return self._other_writers_step(there)
+        if there is not None and digest is not None and (there.world or {}).get("digest") == digest:
+            log.info("step %d: this state is already committed; not written again", step)
+            return there
         raise CheckpointExistsError(
             f"Checkpoint step {step} already exists under {self._storage.url}; "
             "steps are never overwritten. Delete it first or use a new step."

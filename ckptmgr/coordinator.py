@@ -234,12 +234,9 @@ class Coordinator(MemoryTierMixin):
         replaced or skipped since the previous write."""
         import ray
 
-        lead = parts[0]
-        done = self._committed_already(step, lead.digest)
-        if done is not None:
-            return done
         counts = self._writer.take_counts()
         try:
+            lead = parts[0]
             snapshot = ray.get(lead.snapshot_ref[0])  # a spec of a few KB when ranged
             meta = dict(
                 metrics=lead.metrics, extra=lead.extra,

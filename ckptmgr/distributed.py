@@ -280,13 +280,14 @@ class CoordinatorClient:
         import ray
 
         digest = snapshot_digest(snapshot, exclude=self.sharded)
-        ranged = self._ranged and tier_of(meta["extra"]) == "storage"  # keepers need it all
+        tier = tier_of(meta["extra"])
+        ranged = self._ranged and tier == "storage"  # keepers need it all
         refs = [ray.put(snapshot.spec() if ranged else snapshot)] if self.rank == 0 else []
         shard_ref = [ray.put(self._owned_rows(snapshot))] if self.sharded else []
         self._call("submit_part", step, self.rank, digest, refs, blocked_s,
                    meta["metrics"], meta["extra"], meta["loop"], shard_ref, ranged)
         timeout = self.options.save_timeout_s + 600.0
-        ref = self._actor().wait_step.remote(step, timeout, tier_of(meta["extra"]))
+        ref = self._actor().wait_step.remote(step, timeout, tier)
         ref.future().add_done_callback(lambda done: self._settle(step, blocked_s, done, outcome))
         if ranged:
             self._write_my_range(step, snapshot)

@@ -369,10 +369,7 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
         deferred, self._deferred_save = self._deferred_save, False
         self._epoch_done = not self._stopped_mid_epoch()
         if self.save_freq == "epoch" or deferred or (self._epoch_saves and logged):
-            if self._epoch_done:
-                self._save(logs, next_epoch=epoch + 1, next_batch=0)
-            else:  # the rest of this epoch is still to train
-                self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+            self._save_where_training_stands(logs)
 
     def _stopped_mid_epoch(self) -> bool:
         """fit() ends an epoch it stopped early (``model.stop_training``) with on_epoch_end
@@ -399,10 +396,7 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         try:
             if self.save_on_train_end and self._global_step != self._last_saved_step:
-                if self._epoch_done:
-                    self._save(logs, next_epoch=self._epoch + 1, next_batch=0)
-                else:
-                    self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+                self._save_where_training_stands(logs)
             self.manager.wait_until_finished()
             if self._ray_train is not None:
                 self._ray_train.finish()
@@ -411,6 +405,13 @@ class CheckpointCallback(PreemptionMixin, keras.callbacks.Callback):
             self._sigterm.release()  # after the emergency checkpoint: pass SIGTERM on
 
     # -- saving ---------------------------------------------------------------
+    def _save_where_training_stands(self, logs) -> None:
+        """Save after a finished epoch, or inside one (the rest is still to train)."""
+        if self._epoch_done:
+            self._save(logs, next_epoch=self._epoch + 1, next_batch=0)
+        else:
+            self._save(logs, next_epoch=self._epoch, next_batch=self._batch)
+
     def _save(self, logs, *, next_epoch: int, next_batch: int) -> None:
         step = self._global_step
         if step == self._last_saved_step:

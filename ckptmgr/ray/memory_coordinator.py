@@ -81,9 +81,6 @@ class MemoryTierMixin:
 
         def persist() -> dict:
             try:
-                done = self._committed_already(step, meta["digest"])
-                if done is not None:
-                    return done
                 snapshot = _first_readable(step, borrowed)
             finally:
                 borrowed.clear()  # the keepers' objects may go now
@@ -100,20 +97,6 @@ class MemoryTierMixin:
 
         future = self._writer.submit(step, persist, may_drop=False, report=False, sticky=True)
         future.add_done_callback(lambda f: f.exception() is None or self._not_persisted(step, f.exception()))
-
-    def _committed_already(self, step: int, digest: str) -> dict | None:
-        """The outcome of ``step`` if this state is already in storage: an
-        emergency step persisted from memory and then saved by the ranks too
-        (its emergency save was abandoned, so the train-end save repeats it),
-        or the other way round. A different state of that step is left to the
-        write, which refuses it."""
-        if not self.manager.storage.is_committed(step):
-            return None
-        there = self.manager.manifest(step)
-        if (there.world or {}).get("digest") != digest:
-            return None
-        log.info("step %d: this state is already committed; not written again", step)
-        return {"step": step, "manifest": there.model_dump(mode="json")}
 
     def _not_persisted(self, step: int, exc: BaseException) -> None:
         log.error("emergency step %d not persisted from memory: %s", step, exc)
